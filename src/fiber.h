@@ -1,0 +1,97 @@
+/*
+ * fiber.h - the fiber record and the park/unpark contract that every
+ * waiting primitive (join, timers, I/O, locks, channels) is built on.
+ */
+#ifndef ZK_FIBER_H
+#define ZK_FIBER_H
+
+#include "config.h"
+#include "fcontext.h"
+#include "zokio.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+struct zk__stack;
+struct zk__waiter;
+
+enum zk__fiber_state {
+	ZK__FREE = 0,     /* record on a free list */
+	ZK__NEW,          /* spawned, never run, no stack yet */
+	ZK__RUNNABLE,     /* in some run queue */
+	ZK__RUNNING,
+	ZK__PARKED,       /* context saved, waiting for zk__unpark */
+	ZK__DONE,         /* ended; record lives until the handle is released */
+};
+
+struct zk_fiber {
+	zk_fcontext_t ctx;           /* saved registers while not running */
+	struct zk__stack *stack;     /* NULL until first run and after the end */
+	struct zk_fiber *next;       /* run-queue link */
+	zk_runtime_t *rt;
+	zk_fiber_fn fn;
+	void *arg;
+	void *result;
+	uint64_t id;
+	_Atomic int state;           /* enum zk__fiber_state */
+	_Atomic int refs;            /* 1 for the running fiber + 1 for a handle */
+	_Atomic(struct zk__waiter *) joiner; /* ZK__JOIN_DONE once ended */
+	_Atomic int cancel;          /* cancellation requested */
+	int wake_reason;             /* what zk__park returns; set by the waker */
+	int16_t home;                /* worker it started on, -1 before */
+	uint8_t pinned;
+	uint8_t cancellable_park;    /* the current park may be ended by zk_cancel */
+	int err;                     /* why it never started (join result) */
+	const char *waiting_on;      /* for the fiber dump */
+	void **tls;                  /* ZK_KEYS_MAX values, allocated on first set */
+	char name[32];
+#ifdef ZK_ASAN
+	void *asan_fake;             /* ASan fake-stack save slot while switched out */
+#endif
+#ifdef ZK_TSAN
+	void *tsan;                  /* TSan fiber */
+#endif
+};
+
+#define ZK__JOIN_DONE ((struct zk__waiter *)1)
+
+/* A waiter is a fiber or, on a plain thread, a futex word to block on. */
+struct zk__waiter {
+	zk_fiber_t *fiber;
+	_Atomic uint32_t futex;
+};
+
+/* Wake whoever waits on w.  The waiter may be gone the moment this returns. */
+void zk__waiter_wake(struct zk__waiter *w);
+/* Block the calling plain thread until zk__waiter_wake(w). */
+void zk__waiter_block(struct zk__waiter *w);
+
+/*
+ * Parking.
+ *
+ * zk__park(what, publish, arg, flags) suspends the calling fiber.  The rule
+ * that makes it safe across threads: the fiber becomes visible to wakers
+ * only after its registers are saved.  publish(self, arg) runs *after* the
+ * switch, on the next context, with the fiber already in state PARKED; it
+ * is where the fiber is put on a wait list or a lock is released.  If
+ * publish returns non-zero the fiber did not really need to wait and is
+ * made runnable again at once.
+ *
+ * zk__unpark(f, reason) may be called from any thread; it makes f runnable
+ * if (and only if) it is PARKED, so racing wakers (a completion and a
+ * timeout, say) are harmless: the first wins and its reason is what
+ * zk__park returns.  Returns 1 if this call woke f.
+ *
+ * With ZK__PARK_CANCELLABLE, zk_cancel() wakes the fiber with -ECANCELED;
+ * the caller must then take itself off whatever list publish put it on.
+ */
+typedef int (*zk__publish_fn)(zk_fiber_t *self, void *arg);
+#define ZK__PARK_CANCELLABLE 1
+int zk__park(const char *what, zk__publish_fn publish, void *arg, int flags);
+int zk__unpark(zk_fiber_t *f, int reason);
+
+zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt);
+void zk__fiber_release(zk_fiber_t *f);  /* drop one reference */
+void zk__fiber_run_tls_dtors(zk_fiber_t *f);
+
+#endif

@@ -1,0 +1,1031 @@
+/*
+ * scheduler.c - the scheduler: workers, their run queues, stealing, sleeping,
+ * and the switch from one fiber to the next.
+ *
+ * Where a runnable fiber waits, per worker:
+ *   lifo   one slot for the fiber woken most recently by this worker: it runs
+ *          next, while its data is still in cache (capped at 3 in a row so
+ *          two fibers waking each other cannot starve the rest);
+ *   dq     the Chase-Lev deque (deque.h): fresh fibers and fibers free to
+ *          migrate; idle workers steal half of it from the other end;
+ *   local  an owner-only FIFO, looked at last: yielded fibers (so they go
+ *          behind everything else) and started fibers that may not migrate;
+ *   inbox  non-migrating fibers of this worker woken by another thread.
+ * and per runtime the global injector, for wakes and spawns from plain
+ * threads and for deque overflow.  Every 61st pick looks at local and the
+ * injector first, so neither can starve.
+ *
+ * Switching.  A fiber that stops running (yield, park, end) picks the next
+ * fiber itself and jumps straight to it; only when nothing is runnable does
+ * it jump to its worker's scheduler context (the thread's own stack), which
+ * steals, or sleeps.  Each jump carries a struct zk__switch describing what
+ * to do with the fiber just left; the resumed side runs after_switch() first
+ * thing, once the left fiber's registers are saved.  That is the publish-
+ * after-save rule: a parked fiber becomes visible to other threads (which
+ * might resume it at once) only in after_switch, never before its context
+ * is complete.
+ *
+ * Sleeping without lost wake-ups.  A worker that runs out of work spins a
+ * while stealing (at most half the workers spin), then puts itself on the
+ * idle list, issues a full fence and re-checks every queue before it
+ * sleeps on its futex.  A thread that makes work available issues a full
+ * fence after publishing it and then reads the spinner and idle counts; if
+ * no one spins it wakes exactly one sleeper.  Either the sleeper sees the
+ * work or the waker sees the sleeper (the store->fence->load pairs cannot
+ * both miss).  A spinner that finds work and was the last spinner wakes one
+ * more worker when work remains, so parallelism ramps up one at a time.
+ */
+#include "config.h"
+#include "scheduler.h"
+#include "sanitize.h"
+
+#include <errno.h>
+#include <linux/futex.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ZK__FAIR_TICK 61
+#define ZK__LIFO_MAX 3
+#define ZK__SPIN_ROUNDS 64
+#define ZK__STEAL_MAX 32
+#define ZK__FREE_MAX 1024
+#define ZK__ID_BLOCK 1024
+
+static __thread struct zk__worker *tls_worker __attribute__((tls_model("initial-exec")));
+static _Atomic uint64_t next_fiber_id = 1;
+
+#if defined(__clang__)
+#define ZK__NOIPA __attribute__((noinline))
+#else
+#define ZK__NOIPA __attribute__((noinline, noipa))
+#endif
+
+ZK__NOIPA struct zk__worker *zk__worker_self(void)
+{
+	struct zk__worker *w = tls_worker;
+	__asm__ volatile("" : "+r"(w)::"memory");
+	return w;
+}
+
+static inline void stat_inc(_Atomic uint64_t *c)
+{
+	/* Owner-only counter: a plain increment, published with relaxed order. */
+	atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+			      memory_order_relaxed);
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__)
+	__asm__ volatile("pause");
+#elif defined(__aarch64__)
+	__asm__ volatile("yield");
+#endif
+}
+
+/* ---- futex-based blocking for plain threads and sleeping workers -------- */
+
+static void futex_wait(_Atomic uint32_t *addr, uint32_t val)
+{
+	syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+}
+
+static void futex_wake(_Atomic uint32_t *addr, int n)
+{
+	syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
+}
+
+void zk__waiter_wake(struct zk__waiter *w)
+{
+	zk_fiber_t *f = w->fiber;
+	if (f) {
+		zk__unpark(f, 0);
+		return;
+	}
+	/* After this store the waiter may return and its frame vanish; the
+	 * futex wake on a stale address is harmless (at worst a spurious wake
+	 * of an unrelated futex user, which must tolerate those anyway). */
+	atomic_store_explicit(&w->futex, 1, memory_order_release);
+	futex_wake(&w->futex, 1);
+}
+
+void zk__waiter_block(struct zk__waiter *w)
+{
+	while (atomic_load_explicit(&w->futex, memory_order_acquire) == 0)
+		futex_wait(&w->futex, 0);
+}
+
+/* ---- queues ----------------------------------------------------------- */
+
+static inline void fifo_push(struct zk__fifo *q, zk_fiber_t *f)
+{
+	f->next = NULL;
+	if (q->tail)
+		q->tail->next = f;
+	else
+		q->head = f;
+	q->tail = f;
+}
+
+static inline zk_fiber_t *fifo_pop(struct zk__fifo *q)
+{
+	zk_fiber_t *f = q->head;
+	if (f) {
+		q->head = f->next;
+		if (!q->head)
+			q->tail = NULL;
+	}
+	return f;
+}
+
+/* A started fiber that must stay on its first worker. */
+static inline int is_sticky(const zk_fiber_t *f)
+{
+	return f->home >= 0 && (f->pinned || f->rt->opts.no_migration);
+}
+
+static void injector_push(zk_runtime_t *rt, zk_fiber_t *f)
+{
+	pthread_mutex_lock(&rt->inj_lock);
+	fifo_push(&rt->inj, f);
+	atomic_fetch_add_explicit(&rt->inj_len, 1, memory_order_seq_cst);
+	pthread_mutex_unlock(&rt->inj_lock);
+}
+
+static void wake_one(zk_runtime_t *rt);
+
+/* Put a runnable fiber where this worker (or a thief) will find it. */
+static void push_runnable(struct zk__worker *w, zk_fiber_t *f)
+{
+	if (is_sticky(f)) {
+		fifo_push(&w->local, f);
+		return;
+	}
+	if (zk__deque_push(&w->dq, f) != 0) {
+		/* Full: move half of the deque to the injector, oldest first. */
+		zk_runtime_t *rt = w->rt;
+		pthread_mutex_lock(&rt->inj_lock);
+		for (int i = 0; i < ZK__DEQUE_SIZE / 2; i++) {
+			zk_fiber_t *g = zk__deque_steal(&w->dq);
+			if (g == ZK__STEAL_RETRY) {
+				i--;
+				continue;
+			}
+			if (!g)
+				break;
+			fifo_push(&rt->inj, g);
+			atomic_fetch_add_explicit(&rt->inj_len, 1, memory_order_seq_cst);
+		}
+		pthread_mutex_unlock(&rt->inj_lock);
+		if (zk__deque_push(&w->dq, f) != 0)
+			injector_push(rt, f);
+	}
+	if (w->rt->nworkers > 1)
+		wake_one(w->rt);
+}
+
+/* Take a batch from the injector: the first to run, the rest to the deque. */
+static zk_fiber_t *injector_pop(struct zk__worker *w)
+{
+	zk_runtime_t *rt = w->rt;
+	if (atomic_load_explicit(&rt->inj_len, memory_order_relaxed) == 0)
+		return NULL;
+	pthread_mutex_lock(&rt->inj_lock);
+	long n = atomic_load_explicit(&rt->inj_len, memory_order_relaxed);
+	long take = n / rt->nworkers + 1;
+	if (take > ZK__STEAL_MAX)
+		take = ZK__STEAL_MAX;
+	if (take > n)
+		take = n;
+	zk_fiber_t *first = NULL;
+	for (long i = 0; i < take; i++) {
+		zk_fiber_t *f = fifo_pop(&rt->inj);
+		if (!first)
+			first = f;
+		else if (zk__deque_push(&w->dq, f) != 0) {
+			/* no room: leave the rest where it was */
+			f->next = rt->inj.head;
+			rt->inj.head = f;
+			if (!rt->inj.tail)
+				rt->inj.tail = f;
+			take = i;
+			break;
+		}
+	}
+	atomic_fetch_sub_explicit(&rt->inj_len, take, memory_order_seq_cst);
+	pthread_mutex_unlock(&rt->inj_lock);
+	if (first)
+		stat_inc(&w->st_injector);
+	return first;
+}
+
+static void drain_inbox(struct zk__worker *w)
+{
+	pthread_mutex_lock(&w->inbox_lock);
+	zk_fiber_t *f;
+	while ((f = fifo_pop(&w->inbox)))
+		fifo_push(&w->local, f);
+	atomic_store_explicit(&w->inbox_n, 0, memory_order_relaxed);
+	pthread_mutex_unlock(&w->inbox_lock);
+}
+
+static void unpark_worker(struct zk__worker *w)
+{
+	atomic_store_explicit(&w->parker, 1, memory_order_release);
+	futex_wake(&w->parker, 1);
+}
+
+/* Wake w if it sleeps (for its own inbox). */
+static void wake_worker(struct zk__worker *w)
+{
+	zk_runtime_t *rt = w->rt;
+	int was_idle = 0;
+	pthread_mutex_lock(&rt->idle_lock);
+	if (w->idle) {
+		struct zk__worker **pp = &rt->idle;
+		while (*pp != w)
+			pp = &(*pp)->next_idle;
+		*pp = w->next_idle;
+		w->idle = 0;
+		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
+		was_idle = 1;
+	}
+	pthread_mutex_unlock(&rt->idle_lock);
+	if (was_idle)
+		unpark_worker(w);
+}
+
+static void inbox_push(struct zk__worker *home, zk_fiber_t *f)
+{
+	pthread_mutex_lock(&home->inbox_lock);
+	fifo_push(&home->inbox, f);
+	atomic_store_explicit(&home->inbox_n, 1, memory_order_seq_cst);
+	pthread_mutex_unlock(&home->inbox_lock);
+	zk__fence_seq_cst();
+	wake_worker(home);
+}
+
+static void wake_one(zk_runtime_t *rt)
+{
+	zk__fence_seq_cst();
+	if (atomic_load_explicit(&rt->nspinning, memory_order_seq_cst) > 0 ||
+	    atomic_load_explicit(&rt->nidle, memory_order_seq_cst) == 0)
+		return;
+	pthread_mutex_lock(&rt->idle_lock);
+	struct zk__worker *w = rt->idle;
+	if (w) {
+		rt->idle = w->next_idle;
+		w->idle = 0;
+		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
+	}
+	pthread_mutex_unlock(&rt->idle_lock);
+	if (w)
+		unpark_worker(w);
+}
+
+static void wake_all(zk_runtime_t *rt)
+{
+	pthread_mutex_lock(&rt->idle_lock);
+	struct zk__worker *w = rt->idle;
+	rt->idle = NULL;
+	for (struct zk__worker *v = w; v; v = v->next_idle) {
+		v->idle = 0;
+		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
+	}
+	pthread_mutex_unlock(&rt->idle_lock);
+	while (w) {
+		struct zk__worker *next = w->next_idle;
+		unpark_worker(w);
+		w = next;
+	}
+}
+
+void zk__schedule(zk_fiber_t *f)
+{
+	zk_runtime_t *rt = f->rt;
+	struct zk__worker *w = zk__worker_self();
+	int sticky = is_sticky(f);
+	if (w && w->rt == rt && (!sticky || f->home == w->index)) {
+		zk_fiber_t *old = w->lifo;
+		w->lifo = f;
+		if (old)
+			push_runnable(w, old);
+		return;
+	}
+	if (sticky) {
+		inbox_push(&rt->workers[f->home], f);
+		return;
+	}
+	injector_push(rt, f);
+	wake_one(rt);
+}
+
+void zk__schedule_new(zk_runtime_t *rt, zk_fiber_t *f)
+{
+	struct zk__worker *w = zk__worker_self();
+	if (w && w->rt == rt) {
+		push_runnable(w, f);
+		return;
+	}
+	injector_push(rt, f);
+	if (atomic_load_explicit(&rt->running, memory_order_acquire))
+		wake_one(rt);
+}
+
+/* ---- fiber records ------------------------------------------------------ */
+
+#define ZK__SLAB_RECS 256
+
+/* Refill a worker's (or, w == NULL, take one from the global) free list. */
+static zk_fiber_t *rec_take_global(zk_runtime_t *rt, struct zk__worker *w)
+{
+	pthread_mutex_lock(&rt->rec_lock);
+	if (!rt->rec_free) {
+		struct zk__slab *s = calloc(1, sizeof(*s) + ZK__SLAB_RECS * sizeof(zk_fiber_t));
+		if (!s) {
+			pthread_mutex_unlock(&rt->rec_lock);
+			return NULL;
+		}
+		s->n = ZK__SLAB_RECS;
+		s->next = rt->slabs;
+		rt->slabs = s;
+		for (size_t i = s->n; i-- > 0;) {
+			s->recs[i].next = rt->rec_free;
+			rt->rec_free = &s->recs[i];
+		}
+	}
+	zk_fiber_t *f = rt->rec_free;
+	rt->rec_free = f->next;
+	if (w) {
+		/* move a batch to the worker */
+		for (int i = 0; i < 64 && rt->rec_free; i++) {
+			zk_fiber_t *g = rt->rec_free;
+			rt->rec_free = g->next;
+			g->next = w->free_fibers;
+			w->free_fibers = g;
+			w->nfree++;
+		}
+	}
+	pthread_mutex_unlock(&rt->rec_lock);
+	return f;
+}
+
+static uint64_t new_fiber_id(struct zk__worker *w)
+{
+	if (!w)
+		return atomic_fetch_add_explicit(&next_fiber_id, 1, memory_order_relaxed);
+	if (w->next_id == w->id_end) {
+		w->next_id = atomic_fetch_add_explicit(&next_fiber_id, ZK__ID_BLOCK, memory_order_relaxed);
+		w->id_end = w->next_id + ZK__ID_BLOCK;
+	}
+	return w->next_id++;
+}
+
+zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt)
+{
+	struct zk__worker *w = zk__worker_self();
+	if (w && w->rt != rt)
+		w = NULL;
+	zk_fiber_t *f;
+	if (w && w->free_fibers) {
+		f = w->free_fibers;
+		w->free_fibers = f->next;
+		w->nfree--;
+	} else {
+		f = rec_take_global(rt, w);
+		if (!f)
+			return NULL;
+	}
+	f->ctx = NULL;
+	f->stack = NULL;
+	f->next = NULL;
+	f->rt = rt;
+	f->result = NULL;
+	f->id = new_fiber_id(w);
+	atomic_init(&f->refs, 1);
+	atomic_init(&f->joiner, NULL);
+	atomic_init(&f->cancel, 0);
+	f->wake_reason = 0;
+	f->home = -1;
+	f->pinned = 0;
+	f->cancellable_park = 0;
+	f->err = 0;
+	f->waiting_on = NULL;
+	f->tls = NULL;
+	f->name[0] = 0;
+	atomic_store_explicit(&f->state, ZK__NEW, memory_order_relaxed);
+	return f;
+}
+
+static void rec_free(zk_fiber_t *f)
+{
+	zk_runtime_t *rt = f->rt;
+	atomic_store_explicit(&f->state, ZK__FREE, memory_order_relaxed);
+	struct zk__worker *w = zk__worker_self();
+	if (w && w->rt == rt && w->nfree < ZK__FREE_MAX) {
+		f->next = w->free_fibers;
+		w->free_fibers = f;
+		w->nfree++;
+		return;
+	}
+	pthread_mutex_lock(&rt->rec_lock);
+	f->next = rt->rec_free;
+	rt->rec_free = f;
+	pthread_mutex_unlock(&rt->rec_lock);
+}
+
+void zk__fiber_release(zk_fiber_t *f)
+{
+	if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) == 1)
+		rec_free(f);
+}
+
+/* ---- the switch ---------------------------------------------------------- */
+
+#ifdef ZK_ASAN
+#define FIBER_ASAN_SLOT(f) (&(f)->asan_fake)
+#else
+#define FIBER_ASAN_SLOT(f) ((void **)NULL)
+#endif
+#ifdef ZK_TSAN
+#define FIBER_TSAN(f) ((f)->tsan)
+#else
+#define FIBER_TSAN(f) NULL
+#endif
+
+enum { SW_RUN, SW_YIELD, SW_PARK, SW_EXIT };
+
+struct zk__switch {
+	zk_fiber_t *prev; /* the fiber just left; NULL when leaving the scheduler */
+	int how;
+	zk__publish_fn publish;
+	void *arg;
+};
+
+static void fiber_entry(zk_transfer_t t);
+
+void zk__sched_fiber_ended(zk_runtime_t *rt)
+{
+	if (atomic_fetch_sub_explicit(&rt->live, 1, memory_order_acq_rel) == 1) {
+		atomic_store_explicit(&rt->done, 1, memory_order_seq_cst);
+		zk__fence_seq_cst();
+		wake_all(rt);
+	}
+}
+
+/* Record the end of f (ran to the end, or could never start) and wake its
+ * joiner.  Called on some other context than f's own. */
+static void fiber_ended(zk_fiber_t *f)
+{
+	zk_runtime_t *rt = f->rt;
+	atomic_store_explicit(&f->state, ZK__DONE, memory_order_release);
+	struct zk__waiter *j = atomic_exchange_explicit(&f->joiner, ZK__JOIN_DONE, memory_order_acq_rel);
+	if (j)
+		zk__waiter_wake(j);
+	zk__fiber_release(f);
+	zk__sched_fiber_ended(rt);
+}
+
+/* Bind a stack to a fiber about to run for the first time.  Returns 0 if
+ * it cannot run (cancelled first, or no stack to be had: it ends with that
+ * error, which zk_join reports). */
+static int fiber_prepare(struct zk__worker *w, zk_fiber_t *f)
+{
+	if (f->stack)
+		return 1;
+	int rc = atomic_load_explicit(&f->cancel, memory_order_relaxed) ? -ECANCELED : 0;
+	if (rc == 0)
+		rc = zk__stack_get(&w->rt->pool, &w->stacks, &f->stack);
+	if (rc != 0) {
+		f->err = rc;
+		fiber_ended(f);
+		return 0;
+	}
+	f->ctx = zk_make_fcontext(zk__stack_top(f->stack), zk__stack_usable(f->stack), fiber_entry);
+#ifdef ZK_TSAN
+	f->tsan = zk__tsan_create();
+#endif
+	f->home = (int16_t)w->index;
+	return 1;
+}
+
+static zk_fiber_t *pick(struct zk__worker *w)
+{
+	zk_fiber_t *f;
+	if (atomic_load_explicit(&w->inbox_n, memory_order_relaxed))
+		drain_inbox(w);
+	if (++w->tick % ZK__FAIR_TICK == 0) {
+		/* alternate which of the two starvable queues goes first */
+		if ((w->tick / ZK__FAIR_TICK) & 1) {
+			if ((f = fifo_pop(&w->local)) || (f = injector_pop(w)))
+				return f;
+		} else if ((f = injector_pop(w)) || (f = fifo_pop(&w->local))) {
+			return f;
+		}
+	}
+	if (w->lifo && w->lifo_streak < ZK__LIFO_MAX) {
+		f = w->lifo;
+		w->lifo = NULL;
+		w->lifo_streak++;
+		return f;
+	}
+	w->lifo_streak = 0;
+	if ((f = zk__deque_take(&w->dq)))
+		return f;
+	if (w->lifo) {
+		f = w->lifo;
+		w->lifo = NULL;
+		return f;
+	}
+	/* yielded fibers go behind everything else runnable */
+	if ((f = injector_pop(w)))
+		return f;
+	return fifo_pop(&w->local);
+}
+
+/* The next fiber this worker can run without stealing, with a stack. */
+static zk_fiber_t *next_runnable(struct zk__worker *w)
+{
+	for (;;) {
+		zk_fiber_t *f = pick(w);
+		if (!f || fiber_prepare(w, f))
+			return f;
+	}
+}
+
+static void after_switch(struct zk__worker *w, zk_transfer_t t)
+{
+	struct zk__switch *sw = t.data;
+	zk_fiber_t *p = sw->prev;
+	if (!p) {
+		w->sched_ctx = t.fctx;
+		return;
+	}
+	/* Copy out before p becomes visible: sw lives on p's stack, which
+	 * another worker may start running on as soon as p is published. */
+	int how = sw->how;
+	zk__publish_fn publish = sw->publish;
+	void *arg = sw->arg;
+	p->ctx = t.fctx;
+	switch (how) {
+	case SW_YIELD:
+		atomic_store_explicit(&p->state, ZK__RUNNABLE, memory_order_relaxed);
+		fifo_push(&w->local, p);
+		break;
+	case SW_PARK:
+		atomic_store_explicit(&p->state, ZK__PARKED, memory_order_seq_cst);
+		if (publish(p, arg)) {
+			zk__unpark(p, 0);
+			break;
+		}
+		/* Pairs with zk_cancel: it stores cancel then reads state. */
+		zk__fence_seq_cst();
+		if (p->cancellable_park && atomic_load_explicit(&p->cancel, memory_order_seq_cst))
+			zk__unpark(p, -ECANCELED);
+		break;
+	case SW_EXIT:
+		zk__tsan_destroy(FIBER_TSAN(p));
+		zk__stack_put(&w->rt->pool, &w->stacks, p->stack);
+		p->stack = NULL;
+		fiber_ended(p);
+		break;
+	}
+}
+
+static inline zk_transfer_t jump(zk_fcontext_t to, void *to_tsan, const void *lo, size_t size,
+				 void **asan_save, struct zk__switch *sw)
+{
+	zk__asan_start(asan_save, lo, size);
+	zk__tsan_switch(to_tsan);
+	zk_transfer_t t = zk_jump_fcontext(to, sw);
+	zk__asan_finish(asan_save ? *asan_save : NULL);
+	return t;
+}
+
+
+/* Leave the running fiber self: straight to the next runnable fiber, or to
+ * the scheduler loop.  Returns when self is resumed (never for SW_EXIT). */
+static void switch_away(struct zk__worker *w, zk_fiber_t *self, struct zk__switch *sw)
+{
+	if (w->rt->pool.guard == ZK__GUARD_CANARY && !zk__stack_canary_ok(self->stack))
+		zk__stack_report_overflow(self->id, self->name, zk__stack_usable(self->stack),
+					  "canary overwritten");
+	void **save = sw->how == SW_EXIT ? NULL : FIBER_ASAN_SLOT(self);
+	zk_fiber_t *next = next_runnable(w);
+	zk_transfer_t t;
+	if (next) {
+		w->current = next;
+		atomic_store_explicit(&next->state, ZK__RUNNING, memory_order_relaxed);
+		stat_inc(&w->st_run);
+		t = jump(next->ctx, FIBER_TSAN(next), next->stack->lo, zk__stack_usable(next->stack),
+			 save, sw);
+	} else if (sw->how == SW_YIELD) {
+		return; /* nothing else to run: keep going */
+	} else {
+		w->current = NULL;
+		t = jump(w->sched_ctx, w->sched_tsan, w->thread_stack_lo, w->thread_stack_size, save, sw);
+	}
+	/* Resumed, perhaps by another worker: ask again who we run on. */
+	after_switch(zk__worker_self(), t);
+}
+
+static void fiber_entry(zk_transfer_t t)
+{
+	zk__asan_finish(NULL);
+	struct zk__worker *w = zk__worker_self();
+	after_switch(w, t);
+	zk_fiber_t *self = w->current;
+	self->result = self->fn(self->arg);
+	zk__fiber_finish(self);
+}
+
+void zk__fiber_finish(zk_fiber_t *self)
+{
+	zk__fiber_run_tls_dtors(self);
+	struct zk__switch sw = { self, SW_EXIT, NULL, NULL };
+	switch_away(zk__worker_self(), self, &sw);
+	abort(); /* an ended fiber was resumed: broken invariant */
+}
+
+void zk__yield(zk_fiber_t *self)
+{
+	struct zk__switch sw = { self, SW_YIELD, NULL, NULL };
+	switch_away(zk__worker_self(), self, &sw);
+	atomic_store_explicit(&self->state, ZK__RUNNING, memory_order_relaxed);
+}
+
+int zk__park(const char *what, zk__publish_fn publish, void *arg, int flags)
+{
+	struct zk__worker *w = zk__worker_self();
+	zk_fiber_t *self = w ? w->current : NULL;
+	if (!self)
+		return -EPERM;
+	int cancellable = (flags & ZK__PARK_CANCELLABLE) != 0;
+	if (cancellable && atomic_load_explicit(&self->cancel, memory_order_relaxed))
+		return -ECANCELED;
+	self->waiting_on = what;
+	self->cancellable_park = (uint8_t)cancellable;
+	self->wake_reason = 0;
+	struct zk__switch sw = { self, SW_PARK, publish, arg };
+	switch_away(w, self, &sw);
+	self->waiting_on = NULL;
+	self->cancellable_park = 0;
+	return self->wake_reason;
+}
+
+int zk__unpark(zk_fiber_t *f, int reason)
+{
+	int expected = ZK__PARKED;
+	if (!atomic_compare_exchange_strong_explicit(&f->state, &expected, ZK__RUNNABLE,
+						     memory_order_acq_rel, memory_order_relaxed))
+		return 0;
+	f->wake_reason = reason;
+	zk__schedule(f);
+	return 1;
+}
+
+/* ---- the worker loop ---------------------------------------------------- */
+
+/* Steal about half of one victim's deque: the first fiber is returned, the
+ * rest go to our own deque. */
+static zk_fiber_t *steal_from(struct zk__worker *w, struct zk__worker *v)
+{
+	int64_t n = zk__deque_size(&v->dq);
+	if (n == 0)
+		return NULL;
+	n = (n + 1) / 2;
+	if (n > ZK__STEAL_MAX)
+		n = ZK__STEAL_MAX;
+	zk_fiber_t *first = NULL;
+	int retries = 0;
+	while (n > 0) {
+		zk_fiber_t *f = zk__deque_steal(&v->dq);
+		if (f == ZK__STEAL_RETRY) {
+			if (++retries > 4)
+				break;
+			continue;
+		}
+		if (!f)
+			break;
+		stat_inc(&w->st_steals);
+		if (!first)
+			first = f;
+		else if (zk__deque_push(&w->dq, f) != 0)
+			injector_push(w->rt, f);
+		n--;
+	}
+	return first;
+}
+
+static zk_fiber_t *steal_round(struct zk__worker *w)
+{
+	zk_runtime_t *rt = w->rt;
+	w->rng = w->rng * 1103515245u + 12345u;
+	int start = (int)((w->rng >> 16) % (uint32_t)rt->nworkers);
+	for (int i = 0; i < rt->nworkers; i++) {
+		struct zk__worker *v = &rt->workers[(start + i) % rt->nworkers];
+		if (v == w)
+			continue;
+		zk_fiber_t *f = steal_from(w, v);
+		if (f)
+			return f;
+	}
+	return NULL;
+}
+
+static int work_visible(zk_runtime_t *rt, struct zk__worker *w)
+{
+	if (atomic_load_explicit(&rt->inj_len, memory_order_seq_cst) ||
+	    atomic_load_explicit(&w->inbox_n, memory_order_seq_cst))
+		return 1;
+	for (int i = 0; i < rt->nworkers; i++)
+		if (zk__deque_size(&rt->workers[i].dq))
+			return 1;
+	return 0;
+}
+
+static zk_fiber_t *next_prepared_or_stolen(struct zk__worker *w, zk_fiber_t *f)
+{
+	while (f && !fiber_prepare(w, f))
+		f = next_runnable(w);
+	return f;
+}
+
+/* Spin a while looking for work to steal.  At most half of the workers spin
+ * at once; a worker over that limit still makes one steal round. */
+static zk_fiber_t *steal_phase(struct zk__worker *w)
+{
+	zk_runtime_t *rt = w->rt;
+	if (rt->nworkers == 1)
+		return NULL;
+	int spinners = atomic_load_explicit(&rt->nspinning, memory_order_relaxed);
+	if (2 * spinners >= rt->nworkers)
+		return next_prepared_or_stolen(w, steal_round(w));
+	atomic_fetch_add_explicit(&rt->nspinning, 1, memory_order_seq_cst);
+	zk_fiber_t *f = NULL;
+	for (int round = 0; round < ZK__SPIN_ROUNDS && !f; round++) {
+		f = steal_round(w);
+		if (!f)
+			f = injector_pop(w);
+		if (!f && atomic_load_explicit(&w->inbox_n, memory_order_relaxed))
+			f = next_runnable(w);
+		if (!f) {
+			if (atomic_load_explicit(&rt->done, memory_order_relaxed))
+				break;
+			for (int i = 0; i < 32; i++)
+				cpu_relax();
+		}
+	}
+	int last = atomic_fetch_sub_explicit(&rt->nspinning, 1, memory_order_seq_cst) == 1;
+	/* The last spinner found work: if there is more, someone else should
+	 * come looking for it. */
+	if (f && last && work_visible(rt, w))
+		wake_one(rt);
+	return next_prepared_or_stolen(w, f);
+}
+
+static void worker_sleep(struct zk__worker *w)
+{
+	zk_runtime_t *rt = w->rt;
+	pthread_mutex_lock(&rt->idle_lock);
+	w->idle = 1;
+	w->next_idle = rt->idle;
+	rt->idle = w;
+	atomic_fetch_add_explicit(&rt->nidle, 1, memory_order_seq_cst);
+	pthread_mutex_unlock(&rt->idle_lock);
+
+	zk__fence_seq_cst();
+	if (work_visible(rt, w) || atomic_load_explicit(&rt->done, memory_order_seq_cst)) {
+		pthread_mutex_lock(&rt->idle_lock);
+		if (w->idle) {
+			struct zk__worker **pp = &rt->idle;
+			while (*pp != w)
+				pp = &(*pp)->next_idle;
+			*pp = w->next_idle;
+			w->idle = 0;
+			atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
+		}
+		pthread_mutex_unlock(&rt->idle_lock);
+		return;
+	}
+	stat_inc(&w->st_parks);
+	while (atomic_exchange_explicit(&w->parker, 0, memory_order_acquire) == 0)
+		futex_wait(&w->parker, 0);
+	stat_inc(&w->st_wakeups);
+}
+
+static zk_fiber_t *find_work(struct zk__worker *w)
+{
+	zk_runtime_t *rt = w->rt;
+	for (;;) {
+		zk_fiber_t *f = next_runnable(w);
+		if (f)
+			return f;
+		if (atomic_load_explicit(&rt->done, memory_order_acquire))
+			return NULL;
+		f = steal_phase(w);
+		if (f)
+			return f;
+		worker_sleep(w);
+	}
+}
+
+static void worker_loop(struct zk__worker *w)
+{
+	zk_fiber_t *f;
+	while ((f = find_work(w))) {
+		struct zk__switch sw = { NULL, SW_RUN, NULL, NULL };
+		w->current = f;
+		atomic_store_explicit(&f->state, ZK__RUNNING, memory_order_relaxed);
+		stat_inc(&w->st_run);
+		zk_transfer_t t = jump(f->ctx, FIBER_TSAN(f), f->stack->lo, zk__stack_usable(f->stack),
+				       &w->sched_asan_fake, &sw);
+		after_switch(w, t);
+	}
+}
+
+/* Signal-handler lookup for stack.c: the fiber on this thread. */
+static int overflow_lookup(struct zk__stack **s, uint64_t *id, const char **name)
+{
+	struct zk__worker *w = tls_worker;
+	if (!w || !w->current || !w->current->stack)
+		return -1;
+	*s = w->current->stack;
+	*id = w->current->id;
+	*name = w->current->name;
+	return 0;
+}
+
+static void *worker_main(void *arg)
+{
+	struct zk__worker *w = arg;
+	tls_worker = w;
+	void *alt = zk__altstack_enter();
+	pthread_attr_t attr;
+	if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+		void *lo;
+		size_t size;
+		if (pthread_attr_getstack(&attr, &lo, &size) == 0) {
+			w->thread_stack_lo = lo;
+			w->thread_stack_size = size;
+		}
+		pthread_attr_destroy(&attr);
+	}
+	w->sched_tsan = zk__tsan_current();
+	worker_loop(w);
+	tls_worker = NULL;
+	zk__altstack_leave(alt);
+	return NULL;
+}
+
+int zk__sched_init(zk_runtime_t *rt)
+{
+	int n = rt->nworkers;
+	rt->workers = aligned_alloc(64, sizeof(struct zk__worker) * (size_t)n);
+	if (!rt->workers)
+		return -ENOMEM;
+	memset(rt->workers, 0, sizeof(struct zk__worker) * (size_t)n);
+	for (int i = 0; i < n; i++) {
+		struct zk__worker *w = &rt->workers[i];
+		zk__deque_init(&w->dq);
+		w->rt = rt;
+		w->index = i;
+		w->rng = 0x9e3779b9u * (uint32_t)(i + 1);
+		pthread_mutex_init(&w->inbox_lock, NULL);
+	}
+	pthread_mutex_init(&rt->inj_lock, NULL);
+	pthread_mutex_init(&rt->idle_lock, NULL);
+	pthread_mutex_init(&rt->rec_lock, NULL);
+	zk__overflow_lookup = overflow_lookup;
+	zk__overflow_handler_install();
+	return 0;
+}
+
+int zk__sched_run(zk_runtime_t *rt)
+{
+	if (zk__worker_self())
+		return -EDEADLK;
+	int expected = 0;
+	if (!atomic_compare_exchange_strong(&rt->running, &expected, 1))
+		return -EBUSY;
+	atomic_store(&rt->done, atomic_load(&rt->live) == 0);
+	int started = 1, rc = 0;
+	for (; started < rt->nworkers; started++) {
+		rc = -pthread_create(&rt->workers[started].thread, NULL, worker_main, &rt->workers[started]);
+		if (rc)
+			break;
+	}
+	if (rc == 0) {
+		worker_main(&rt->workers[0]);
+	} else {
+		/* A thread could not start: stop the ones that did and report;
+		 * the fibers stay queued for a later run. */
+		atomic_store(&rt->done, 1);
+		wake_all(rt);
+	}
+	for (int i = 1; i < started; i++)
+		pthread_join(rt->workers[i].thread, NULL);
+	atomic_store(&rt->running, 0);
+	return rc;
+}
+
+/* Free everything a runtime that is not running still holds: queued fibers
+ * that never started, cached stacks and the record slabs. */
+void zk__sched_fini(zk_runtime_t *rt)
+{
+	for (int i = 0; i < rt->nworkers; i++) {
+		struct zk__worker *w = &rt->workers[i];
+		zk__stack_cache_flush(&rt->pool, &w->stacks);
+		pthread_mutex_destroy(&w->inbox_lock);
+	}
+	struct zk__slab *s = rt->slabs;
+	while (s) {
+		struct zk__slab *next = s->next;
+		for (size_t i = 0; i < s->n; i++) {
+			zk_fiber_t *f = &s->recs[i];
+			if (f->stack)
+				zk__stack_put(&rt->pool, NULL, f->stack);
+			free(f->tls);
+		}
+		free(s);
+		s = next;
+	}
+	free(rt->workers);
+	pthread_mutex_destroy(&rt->inj_lock);
+	pthread_mutex_destroy(&rt->idle_lock);
+	pthread_mutex_destroy(&rt->rec_lock);
+}
+
+/* ---- observability ------------------------------------------------------ */
+
+int zk_runtime_stats(zk_runtime_t *rt, zk_worker_stats_t *stats, int n)
+{
+	if (!rt)
+		return -EINVAL;
+	for (int i = 0; i < n && i < rt->nworkers; i++) {
+		struct zk__worker *w = &rt->workers[i];
+		stats[i].fibers_run = atomic_load_explicit(&w->st_run, memory_order_relaxed);
+		stats[i].steals = atomic_load_explicit(&w->st_steals, memory_order_relaxed);
+		stats[i].injector_pops = atomic_load_explicit(&w->st_injector, memory_order_relaxed);
+		stats[i].parks = atomic_load_explicit(&w->st_parks, memory_order_relaxed);
+		stats[i].wakeups = atomic_load_explicit(&w->st_wakeups, memory_order_relaxed);
+	}
+	return rt->nworkers;
+}
+
+static const char *state_name(int s)
+{
+	switch (s) {
+	case ZK__NEW: return "new";
+	case ZK__RUNNABLE: return "runnable";
+	case ZK__RUNNING: return "running";
+	case ZK__PARKED: return "parked";
+	case ZK__DONE: return "done";
+	default: return "?";
+	}
+}
+
+/* Best effort while the runtime runs: records are read without stopping
+ * their owners (the fields may be mid-update, never unmapped). */
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+__attribute__((no_sanitize("thread")))
+#endif
+#elif defined(__SANITIZE_THREAD__)
+__attribute__((no_sanitize_thread))
+#endif
+int zk_runtime_dump(zk_runtime_t *rt, int fd)
+{
+	if (!rt || fd < 0)
+		return -EINVAL;
+	int count = 0;
+	char line[256];
+	pthread_mutex_lock(&rt->rec_lock);
+	for (struct zk__slab *s = rt->slabs; s; s = s->next) {
+		for (size_t i = 0; i < s->n; i++) {
+			zk_fiber_t *f = &s->recs[i];
+			int st = atomic_load_explicit(&f->state, memory_order_relaxed);
+			if (st == ZK__FREE || st == ZK__DONE)
+				continue;
+			char name[sizeof(f->name)];
+			memcpy(name, f->name, sizeof(name));
+			name[sizeof(name) - 1] = 0;
+			const char *what = f->waiting_on;
+			int len = snprintf(line, sizeof(line), "fiber %llu%s%s%s %s%s%s worker %d\n",
+					   (unsigned long long)f->id, name[0] ? " \"" : "", name,
+					   name[0] ? "\"" : "", state_name(st),
+					   st == ZK__PARKED && what ? " on " : "",
+					   st == ZK__PARKED && what ? what : "", f->home);
+			if (len > 0 && write(fd, line, (size_t)len) < 0) {
+				pthread_mutex_unlock(&rt->rec_lock);
+				return -errno;
+			}
+			count++;
+		}
+	}
+	pthread_mutex_unlock(&rt->rec_lock);
+	return count;
+}

@@ -1,0 +1,113 @@
+/*
+ * scheduler.h - workers, run queues, stealing, parking, and the switch itself.
+ */
+#ifndef ZK_SCHEDULER_H
+#define ZK_SCHEDULER_H
+
+#include "config.h"
+#include "deque.h"
+#include "fiber.h"
+#include "stack.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+/* Owner-only FIFO of fibers linked through zk_fiber.next. */
+struct zk__fifo {
+	zk_fiber_t *head, *tail;
+};
+
+/* Fiber records come from slabs that live as long as the runtime, so the
+ * dump and shutdown can walk every record without a registry on the
+ * spawn path. */
+struct zk__slab {
+	struct zk__slab *next;
+	size_t n;
+	zk_fiber_t recs[];
+};
+
+struct zk__worker {
+	struct zk__deque dq;            /* stealable: fresh and migratable fibers */
+	zk_runtime_t *rt;
+	int index;
+	pthread_t thread;
+	zk_fcontext_t sched_ctx;        /* the scheduler loop on the thread's own stack */
+	void *sched_asan_fake;
+	const void *thread_stack_lo;    /* for ASan's switch annotations */
+	size_t thread_stack_size;
+	void *sched_tsan;
+	zk_fiber_t *current;
+	zk_fiber_t *lifo;               /* most recently woken fiber, runs next */
+	unsigned lifo_streak;
+	struct zk__fifo local;          /* yielded fibers and fibers that may not migrate */
+	uint64_t tick;
+	uint32_t rng;
+	struct zk__stack_cache stacks;
+	zk_fiber_t *free_fibers;        /* record free list */
+	unsigned nfree;
+	uint64_t next_id, id_end;       /* block of fiber ids */
+	int spinning;
+
+	/* Fibers that may not migrate, woken from another thread. */
+	pthread_mutex_t inbox_lock;
+	struct zk__fifo inbox;
+	_Atomic int inbox_n;
+
+	/* Sleeping: a token word for futex wait/wake. */
+	_Atomic uint32_t parker;
+	int idle;                       /* on the runtime's idle list (idle_lock) */
+	struct zk__worker *next_idle;
+
+	/* Statistics: written by the owner only, read by anyone. */
+	_Atomic uint64_t st_run, st_steals, st_injector, st_parks, st_wakeups;
+} __attribute__((aligned(64)));
+
+struct zk_runtime {
+	zk_runtime_opts_t opts;
+	int nworkers;
+	struct zk__worker *workers;
+	struct zk__stack_pool pool;
+
+	pthread_mutex_t inj_lock;       /* global injector */
+	struct zk__fifo inj;
+	_Atomic long inj_len;
+
+	pthread_mutex_t idle_lock;      /* sleeping workers */
+	struct zk__worker *idle;
+	_Atomic int nidle;
+	_Atomic int nspinning;
+
+	_Atomic long live;              /* fibers spawned and not yet ended */
+	_Atomic int running;
+	_Atomic int done;               /* live reached 0: workers leave */
+
+	pthread_mutex_t rec_lock;       /* fiber records */
+	struct zk__slab *slabs;
+	zk_fiber_t *rec_free;
+
+	struct zk_runtime *next_rt;     /* registry for signal-triggered dumps */
+};
+
+/* The worker running on the calling thread, or NULL.  Never inlined: a
+ * fiber may resume on another thread, so the thread-local read must happen
+ * anew after every switch (see the migration rule in zokio.h). */
+struct zk__worker *zk__worker_self(void);
+
+/* Make a RUNNABLE fiber run soon: the LIFO slot of the current worker, its
+ * home worker's inbox if it may not migrate, or the global injector. */
+void zk__schedule(zk_fiber_t *f);
+/* Queue a freshly spawned fiber. */
+void zk__schedule_new(zk_runtime_t *rt, zk_fiber_t *f);
+
+int zk__sched_init(zk_runtime_t *rt);
+void zk__sched_fini(zk_runtime_t *rt);
+int zk__sched_run(zk_runtime_t *rt);
+void zk__sched_fiber_ended(zk_runtime_t *rt);
+/* Suspend the current fiber for good (it ended). */
+void zk__fiber_finish(zk_fiber_t *self) __attribute__((noreturn));
+void zk__yield(zk_fiber_t *self);
+
+void zk__runtime_registry_add(zk_runtime_t *rt);
+void zk__runtime_registry_remove(zk_runtime_t *rt);
+
+#endif

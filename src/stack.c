@@ -1,0 +1,351 @@
+/*
+ * stack.c - fiber stacks.
+ *
+ * Each stack is one anonymous mapping: a guard page at the bottom, the
+ * usable stack above it, and a small header (struct zk__stack) in its top
+ * bytes, so a stack needs no separate allocation.
+ *
+ * Guards.  mprotect(PROT_NONE) on the bottom page splits the mapping in two,
+ * so every stack costs two of the process's vm.max_map_count mappings.
+ * Linux 6.13 added madvise(MADV_GUARD_INSTALL), which marks the page as a
+ * guard without splitting; we probe for it once and use it when present.
+ * With ZK_GUARD_CANARY there is no guard at all: a known word at the lowest
+ * usable address is checked at every switch away from the fiber.
+ *
+ * Pooling.  Mapping and first-touching a stack costs tens of microseconds
+ * (page faults), reusing a warm one costs nothing, so stacks are recycled: a
+ * per-worker cache (no locking) in front of a global pool (one mutex).  The
+ * pool keeps its stacks mapped; past its high-water mark it gives their
+ * pages back with MADV_DONTNEED (the mapping stays, memory returns to the
+ * OS), and they are touched afresh when reused.
+ */
+#include "config.h"
+#include "stack.h"
+#include "sanitize.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#ifndef MADV_GUARD_INSTALL
+#define MADV_GUARD_INSTALL 102
+#endif
+
+#define ZK__STACK_HEADER 64 /* bytes reserved for struct zk__stack at the top */
+
+static int probe_madvise_guard(size_t page)
+{
+	char *p = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return 0;
+	int ok = madvise(p, page, MADV_GUARD_INSTALL) == 0;
+	munmap(p, 2 * page);
+	return ok;
+}
+
+int zk__stack_pool_init(struct zk__stack_pool *p, size_t stack_size, int canary,
+			unsigned cache_max, unsigned hwm)
+{
+	static int madvise_guard = -1; /* probed once per process */
+	memset(p, 0, sizeof(*p));
+	p->page = (size_t)sysconf(_SC_PAGESIZE);
+	if (stack_size < 4 * p->page)
+		stack_size = 4 * p->page;
+	p->stack_size = (stack_size + p->page - 1) & ~(p->page - 1);
+	p->cache_max = cache_max;
+	p->hwm = hwm;
+	if (canary) {
+		p->guard = ZK__GUARD_CANARY;
+	} else {
+		if (madvise_guard < 0)
+			madvise_guard = probe_madvise_guard(p->page);
+		p->guard = madvise_guard ? ZK__GUARD_MADVISE : ZK__GUARD_MPROTECT;
+	}
+	return -pthread_mutex_init(&p->lock, NULL);
+}
+
+size_t zk__stack_usable(const struct zk__stack *s)
+{
+	return (size_t)((const char *)s - s->lo);
+}
+
+static int stack_map(struct zk__stack_pool *p, struct zk__stack **out)
+{
+	size_t guard = p->guard == ZK__GUARD_CANARY ? 0 : p->page;
+	size_t size = p->stack_size + guard;
+	char *map = mmap(NULL, size, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+	if (map == MAP_FAILED)
+		return errno == ENOMEM ? -EAGAIN : -errno;
+	int rc = 0;
+	if (p->guard == ZK__GUARD_MADVISE)
+		rc = madvise(map, guard, MADV_GUARD_INSTALL);
+	else if (p->guard == ZK__GUARD_MPROTECT)
+		rc = mprotect(map, guard, PROT_NONE);
+	if (rc != 0) {
+		/* mprotect fails with ENOMEM when the split would pass
+		 * vm.max_map_count: the same "no more stacks" condition. */
+		rc = errno == ENOMEM ? -EAGAIN : -errno;
+		munmap(map, size);
+		return rc;
+	}
+	struct zk__stack *s = (struct zk__stack *)(map + size - ZK__STACK_HEADER);
+	s->map = map;
+	s->map_size = size;
+	s->lo = map + guard;
+	s->next = NULL;
+	s->cold = 0;
+	s->vg_id = zk__vg_stack_register(s->lo, (char *)s);
+	if (p->guard == ZK__GUARD_CANARY)
+		*(uint64_t *)s->lo = ZK__CANARY;
+	*out = s;
+	return 0;
+}
+
+static void stack_unmap(struct zk__stack *s)
+{
+	zk__vg_stack_deregister(s->vg_id);
+	munmap(s->map, s->map_size);
+}
+
+int zk__stack_get(struct zk__stack_pool *p, struct zk__stack_cache *c, struct zk__stack **out)
+{
+	struct zk__stack *s = c->head;
+	if (s) {
+		c->head = s->next;
+		c->count--;
+		s->cold = 0;
+		*out = s;
+		return 0;
+	}
+	/* Refill half a cache from the pool in one lock round trip. */
+	pthread_mutex_lock(&p->lock);
+	unsigned want = p->cache_max / 2 + 1;
+	while (p->head && want--) {
+		s = p->head;
+		p->head = s->next;
+		p->count--;
+		s->next = c->head;
+		c->head = s;
+		c->count++;
+	}
+	pthread_mutex_unlock(&p->lock);
+	s = c->head;
+	if (s) {
+		c->head = s->next;
+		c->count--;
+		s->cold = 0;
+		*out = s;
+		return 0;
+	}
+	return stack_map(p, out);
+}
+
+/* Give a stack's pages back to the OS, keeping the mapping (and, in canary
+ * mode, the page that holds the canary).  Only for a stack nobody runs on. */
+static void stack_release_pages(struct zk__stack_pool *p, struct zk__stack *s)
+{
+	char *hi = (char *)((uintptr_t)s & ~(uintptr_t)(p->page - 1));
+	char *lo = s->lo;
+	if (p->guard == ZK__GUARD_CANARY)
+		lo += p->page;
+	if (hi > lo)
+		madvise(lo, (size_t)(hi - lo), MADV_DONTNEED);
+	s->cold = 1;
+}
+
+void zk__stack_put(struct zk__stack_pool *p, struct zk__stack_cache *c, struct zk__stack *s)
+{
+	if (c && c->count < p->cache_max) {
+		s->next = c->head;
+		c->head = s;
+		c->count++;
+		return;
+	}
+	/* Cache full (or none): to the global pool.  Past the high-water mark the
+	 * pages go back to the OS first, while the stack is still private to us
+	 * (once pooled another thread may take it at once). */
+	pthread_mutex_lock(&p->lock);
+	int release = p->count >= p->hwm;
+	pthread_mutex_unlock(&p->lock);
+	if (release && !s->cold)
+		stack_release_pages(p, s);
+	pthread_mutex_lock(&p->lock);
+	s->next = p->head;
+	p->head = s;
+	p->count++;
+	pthread_mutex_unlock(&p->lock);
+}
+
+int zk__stack_reserve(struct zk__stack_pool *p, struct zk__stack_cache *c)
+{
+	if (c->head)
+		return 0;
+	struct zk__stack *s;
+	int rc = zk__stack_get(p, c, &s);
+	if (rc == 0) {
+		s->next = c->head;
+		c->head = s;
+		c->count++;
+	}
+	return rc;
+}
+
+void zk__stack_cache_flush(struct zk__stack_pool *p, struct zk__stack_cache *c)
+{
+	while (c->head) {
+		struct zk__stack *s = c->head;
+		c->head = s->next;
+		c->count--;
+		zk__stack_put(p, NULL, s);
+	}
+}
+
+void zk__stack_pool_destroy(struct zk__stack_pool *p)
+{
+	while (p->head) {
+		struct zk__stack *s = p->head;
+		p->head = s->next;
+		stack_unmap(s);
+	}
+	p->count = 0;
+	pthread_mutex_destroy(&p->lock);
+}
+
+/* ---- overflow reports -----------------------------------------------------
+ *
+ * A guard-page hit is a SIGSEGV, and a SIGSEGV handler cannot run on the
+ * stack that just overflowed: every worker thread therefore gets an
+ * alternate signal stack (sigaltstack) and the handler is installed with
+ * SA_ONSTACK.  The handler asks the fiber layer which fiber runs on this
+ * thread and where its stack is; a fault in its guard page (or with the
+ * stack pointer below the usable range) is reported and aborts.  Any other
+ * fault goes to the previous handler, or to the default action.
+ */
+
+static struct sigaction old_segv, old_bus;
+zk__overflow_lookup_fn zk__overflow_lookup;
+
+static void write_str(const char *s)
+{
+	ssize_t r = write(2, s, strlen(s));
+	(void)r;
+}
+
+static void write_u64(uint64_t v)
+{
+	char buf[24];
+	int i = (int)sizeof(buf);
+	buf[--i] = 0;
+	do {
+		buf[--i] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	write_str(buf + i);
+}
+
+/* Async-signal-safe: write(2) only, then abort(). */
+void zk__stack_report_overflow(uint64_t id, const char *name, size_t size, const char *how)
+{
+	write_str("zokio: fiber ");
+	write_u64(id);
+	if (name && name[0]) {
+		write_str(" (");
+		write_str(name);
+		write_str(")");
+	}
+	write_str(" overflowed its ");
+	write_u64(size);
+	write_str("-byte stack (");
+	write_str(how);
+	write_str("); aborting\n");
+	abort();
+}
+
+static void chain(int sig, siginfo_t *si, void *uc)
+{
+	struct sigaction *old = sig == SIGBUS ? &old_bus : &old_segv;
+	if ((old->sa_flags & SA_SIGINFO) && old->sa_sigaction) {
+		old->sa_sigaction(sig, si, uc);
+		return;
+	}
+	if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN && old->sa_handler) {
+		old->sa_handler(sig);
+		return;
+	}
+	/* Default action: reinstate it; returning re-executes the faulting
+	 * instruction, which now kills the process with the original signal. */
+	signal(sig, SIG_DFL);
+}
+
+static void on_fault(int sig, siginfo_t *si, void *uc)
+{
+	struct zk__stack *s = NULL;
+	uint64_t id = 0;
+	const char *name = NULL;
+	if (zk__overflow_lookup && zk__overflow_lookup(&s, &id, &name) == 0 && s) {
+		char *addr = si->si_addr;
+		/* Below the usable range and at most a little below the mapping: a
+		 * frame larger than the guard can skip past it into the page below. */
+		if (addr < s->lo && addr + 256 * 1024 >= s->map)
+			zk__stack_report_overflow(id, name, zk__stack_usable(s), "guard page hit");
+	}
+	chain(sig, si, uc);
+}
+
+static void install(void)
+{
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = on_fault;
+	sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGSEGV, &sa, &old_segv);
+	sigaction(SIGBUS, &sa, &old_bus);
+}
+
+void zk__overflow_handler_install(void)
+{
+	static pthread_once_t once = PTHREAD_ONCE_INIT;
+	pthread_once(&once, install);
+}
+
+#define ZK__ALTSTACK_SIZE (64 * 1024)
+
+/* Give the calling thread an alternate signal stack unless it has one.
+ * Returns a handle for zk__altstack_leave (NULL when nothing was done). */
+void *zk__altstack_enter(void)
+{
+	stack_t cur;
+	if (sigaltstack(NULL, &cur) == 0 && !(cur.ss_flags & SS_DISABLE))
+		return NULL;
+	size_t size = ZK__ALTSTACK_SIZE;
+	if (size < (size_t)SIGSTKSZ)
+		size = (size_t)SIGSTKSZ;
+	void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED)
+		return NULL;
+	stack_t ss = { .ss_sp = mem, .ss_size = size, .ss_flags = 0 };
+	if (sigaltstack(&ss, NULL) != 0) {
+		munmap(mem, size);
+		return NULL;
+	}
+	return mem;
+}
+
+void zk__altstack_leave(void *h)
+{
+	if (!h)
+		return;
+	stack_t ss = { .ss_sp = NULL, .ss_size = 0, .ss_flags = SS_DISABLE };
+	sigaltstack(&ss, NULL);
+	size_t size = ZK__ALTSTACK_SIZE;
+	if (size < (size_t)SIGSTKSZ)
+		size = (size_t)SIGSTKSZ;
+	munmap(h, size);
+}
