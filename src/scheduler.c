@@ -787,6 +787,17 @@ static zk_fiber_t *steal_phase(struct zk__worker *w)
 	return next_prepared_or_stolen(w, f);
 }
 
+/* The blocking wait of an idle worker: returns once another thread called
+ * unpark_worker(w) (the token in w->parker is consumed).  This is the one
+ * place a worker blocks; the I/O layer turns it into its driver's wait
+ * (io_uring / epoll with an eventfd as the wake-up), bounded by the next
+ * timer deadline. */
+static void worker_wait(struct zk__worker *w)
+{
+	while (atomic_exchange_explicit(&w->parker, 0, memory_order_acquire) == 0)
+		futex_wait(&w->parker, 0);
+}
+
 static void worker_sleep(struct zk__worker *w)
 {
 	zk_runtime_t *rt = w->rt;
@@ -812,8 +823,7 @@ static void worker_sleep(struct zk__worker *w)
 		return;
 	}
 	stat_inc(&w->st_parks);
-	while (atomic_exchange_explicit(&w->parker, 0, memory_order_acquire) == 0)
-		futex_wait(&w->parker, 0);
+	worker_wait(w);
 	stat_inc(&w->st_wakeups);
 }
 
