@@ -8,6 +8,7 @@
  * by zk_join or zk_detach).  Whoever drops the last one frees it.
  */
 #include "config.h"
+#include "sanitize.h"
 #include "scheduler.h"
 
 #include <errno.h>
@@ -110,7 +111,7 @@ int zk_join(zk_fiber_t *f, void **result)
 				zk__waiter_block(&wt);
 		}
 	}
-	atomic_thread_fence(memory_order_acquire);
+	(void)atomic_load_explicit(&f->joiner, memory_order_acquire); /* pairs with the end */
 	if (result)
 		*result = f->result;
 	int err = f->err;
@@ -168,7 +169,7 @@ int zk_cancel(zk_fiber_t *f)
 		return -EINVAL;
 	atomic_store_explicit(&f->cancel, 1, memory_order_seq_cst);
 	/* Pairs with after_switch(): it stores PARKED, fences, reads cancel. */
-	atomic_thread_fence(memory_order_seq_cst);
+	zk__fence_seq_cst();
 	if (atomic_load_explicit(&f->state, memory_order_seq_cst) == ZK__PARKED && f->cancellable_park)
 		zk__unpark(f, -ECANCELED);
 	return 0;

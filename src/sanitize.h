@@ -57,6 +57,12 @@
  * model atomic_thread_fence, so under TSan the callers use seq_cst
  * operations on the variables themselves and this barrier is kept only for
  * the hardware. */
+#ifdef ZK_TSAN
+#include <stdatomic.h>
+extern _Atomic int zk__tsan_fence_word;
+#define zk__fence_seq_cst() ((void)atomic_fetch_add_explicit(&zk__tsan_fence_word, 0, memory_order_seq_cst))
+#else
 #define zk__fence_seq_cst() atomic_thread_fence(memory_order_seq_cst)
+#endif
 
 #endif

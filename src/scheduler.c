@@ -56,6 +56,9 @@
 
 static __thread struct zk__worker *tls_worker __attribute__((tls_model("initial-exec")));
 static _Atomic uint64_t next_fiber_id = 1;
+#ifdef ZK_TSAN
+_Atomic int zk__tsan_fence_word;
+#endif
 
 #if defined(__clang__)
 #define ZK__NOIPA __attribute__((noinline))
