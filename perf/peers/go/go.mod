@@ -1,0 +1,3 @@
+module zokio-peer-go
+
+go 1.19
