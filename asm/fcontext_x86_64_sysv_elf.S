@@ -44,6 +44,7 @@
 
 /* zk_transfer_t zk_jump_fcontext(zk_fcontext_t to (rdi), void *data (rsi)) */
 	.globl	zk_jump_fcontext
+	.hidden	zk_jump_fcontext
 	.type	zk_jump_fcontext, @function
 	.align	16
 zk_jump_fcontext:
@@ -84,6 +85,7 @@ zk_jump_fcontext:
  * the stack as fn's return address: fn runs on to's stack, and its return
  * value is what to's suspended jump returns. */
 	.globl	zk_ontop_fcontext
+	.hidden	zk_ontop_fcontext
 	.type	zk_ontop_fcontext, @function
 	.align	16
 zk_ontop_fcontext:
@@ -125,6 +127,7 @@ zk_ontop_fcontext:
  * 16-byte aligned, and its call to fn then gives fn the ABI's entry alignment
  * (rsp + 8 a multiple of 16). */
 	.globl	zk_make_fcontext
+	.hidden	zk_make_fcontext
 	.type	zk_make_fcontext, @function
 	.align	16
 zk_make_fcontext:

@@ -38,12 +38,22 @@
 
 #define ZK__STACK_HEADER 64 /* bytes reserved for struct zk__stack at the top */
 
+/* Does MADV_GUARD_INSTALL work here?  Success of the call is not proof
+ * (an emulator such as qemu-user may accept and ignore it), so check that
+ * the kernel now refuses to read the page: write(2) from it must fail with
+ * EFAULT instead of faulting us. */
 static int probe_madvise_guard(size_t page)
 {
 	char *p = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (p == MAP_FAILED)
 		return 0;
-	int ok = madvise(p, page, MADV_GUARD_INSTALL) == 0;
+	int ok = 0;
+	int fds[2];
+	if (madvise(p, page, MADV_GUARD_INSTALL) == 0 && pipe(fds) == 0) {
+		ok = write(fds[1], p, 1) < 0 && errno == EFAULT;
+		close(fds[0]);
+		close(fds[1]);
+	}
 	munmap(p, 2 * page);
 	return ok;
 }

@@ -118,19 +118,22 @@ START_TEST(test_yield_alternates_two_fibers)
 }
 END_TEST
 
-static void deep_exit(int depth)
+static volatile int exit_depth;
+
+/* Recurses until exit_depth reaches 0, then leaves through zk_exit. */
+static void deep_exit(void)
 {
-	if (depth < 0)
-		return;
-	if (depth == 0)
+	if (exit_depth-- == 0)
 		zk_exit((void *)42);
-	deep_exit(depth - 1);
+	else
+		deep_exit();
 	ck_abort_msg("zk_exit returned");
 }
 
 static void *exits_from_deep(void *arg)
 {
-	deep_exit(10);
+	exit_depth = 10;
+	deep_exit();
 	return NULL;
 }
 
