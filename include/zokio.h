@@ -35,6 +35,11 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/un.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -73,7 +78,19 @@ typedef struct zk_runtime_opts {
 	unsigned stack_cache;   /* stacks kept per worker (hot); 0 = default (64) */
 	unsigned stack_pool_hwm;/* global pool high-water mark: stacks returned past it
 	                         * have their pages given back with madvise; 0 = 256 */
+	int backend;            /* enum zk_backend: the I/O driver */
 } zk_runtime_opts_t;
+
+/* I/O backends.  AUTO (the default) takes $ZOKIO_BACKEND (io_uring, epoll
+ * or auto) if set, else io_uring when a ring can be set up here, else epoll,
+ * saying so in one line on stderr when io_uring was refused (seccomp,
+ * kernel.io_uring_disabled, old kernel).  Asking for IO_URING explicitly
+ * where it is refused makes zk_runtime_create fail with -ENOSYS. */
+enum zk_backend {
+	ZK_BACKEND_AUTO = 0,
+	ZK_BACKEND_IO_URING = 1,
+	ZK_BACKEND_EPOLL = 2,
+};
 
 /* Fill *opts with the defaults.  Any thread. */
 ZK_API void zk_runtime_opts_init(zk_runtime_opts_t *opts);
@@ -99,6 +116,9 @@ ZK_API void zk_runtime_shutdown(zk_runtime_t *rt);
  * started are discarded (their records freed, their functions never run).
  * Returns 0, or -EBUSY while zk_runtime_run() is in progress. */
 ZK_API int zk_runtime_destroy(zk_runtime_t *rt);
+
+/* The I/O backend rt uses: "io_uring" or "epoll".  Any thread. */
+ZK_API const char *zk_runtime_backend(zk_runtime_t *rt);
 
 /* The runtime of the calling fiber, or NULL on a plain thread. */
 ZK_API zk_runtime_t *zk_runtime_current(void);
@@ -180,6 +200,316 @@ ZK_API int zk_cancel(zk_fiber_t *f);
 ZK_API int zk_cancelled(void);
 
 /* ------------------------------------------------------------------------ */
+/* Time                                                                      */
+/* ------------------------------------------------------------------------ */
+
+/* Time is CLOCK_MONOTONIC in nanoseconds, the clock of zk_now_ns().  Every
+ * deadline in this API is an absolute time on that clock; "timed" variants
+ * of waiting calls take one, and a negative deadline means "none".  A wait
+ * whose deadline passes returns -ETIMEDOUT; a deadline already past makes
+ * the call fail at once (after trying the non-waiting path, where there is
+ * one).  Each worker keeps its pending timers in a heap (O(log n) arm and
+ * cancel; 1,000,000 pending timers are fine). */
+
+/* Now, in nanoseconds of CLOCK_MONOTONIC.  Any thread. */
+ZK_API int64_t zk_now_ns(void);
+
+/* Sleep for ns nanoseconds / until deadline_ns.  A fiber parks (its worker
+ * runs others); a plain thread sleeps in clock_nanosleep.  Returns 0 when
+ * the time has come (at once for a time already past); in a fiber also
+ * -ECANCELED if it is cancelled, or -ETIMEDOUT if the fiber's deadline
+ * (zk_deadline_set) comes first.  Any thread. */
+ZK_API int zk_sleep_ns(int64_t ns);
+ZK_API int zk_sleep_until(int64_t deadline_ns);
+
+/* Give the calling fiber a deadline: from now on every call of it that
+ * waits (sleep, locks, channels, select, I/O, ...) fails with -ETIMEDOUT
+ * once deadline_ns has passed, until zk_deadline_clear().  A call's own
+ * deadline and the fiber's deadline combine: the earlier wins.  Non-waiting
+ * paths (a lock that is free, a channel with room) still succeed after the
+ * deadline.  A negative value clears it.  Fiber only: returns 0, or -EPERM
+ * on a plain thread. */
+ZK_API int zk_deadline_set(int64_t deadline_ns);
+ZK_API int zk_deadline_clear(void);
+
+/* The calling fiber's deadline, or -1 if it has none (or on a plain
+ * thread). */
+ZK_API int64_t zk_deadline_get(void);
+
+/* ------------------------------------------------------------------------ */
+/* Synchronisation                                                           */
+/* ------------------------------------------------------------------------ */
+
+/* Mutex, condition variable, reader-writer lock, semaphore, wait group,
+ * once and barrier for fibers.  Common rules:
+ *   - Contended waits park the fiber, never the worker thread.  The same
+ *     objects work from plain threads, where waiting blocks the thread, so
+ *     fibers and threads may share them.  Any thread, unless noted.
+ *   - Waiting is first come, first served: a release hands the object to
+ *     the longest waiter (no barging, no starvation).
+ *   - Every wait honours the fiber's deadline (-ETIMEDOUT) and cancellation
+ *     (-ECANCELED); the *_timed variants add their own absolute deadline
+ *     (zk_now_ns() clock, < 0 = none).  A failed wait leaves the object as
+ *     if it had never been attempted.  If a release and a timeout race, the
+ *     release wins: the call succeeds.
+ *   - The types are plain structs of opaque words: embed them anywhere,
+ *     never copy one in use.  An all-zero mutex, condition variable, rwlock
+ *     or once (the ZK_*_INIT initialisers) is ready to use; semaphores, wait
+ *     groups and barriers need their init call.  Destroy calls only check
+ *     (-EBUSY while held or waited on): they free nothing.
+ */
+
+typedef struct zk_mutex { uint64_t opaque_[4]; } zk_mutex_t;
+typedef struct zk_cond { uint64_t opaque_[4]; } zk_cond_t;
+typedef struct zk_rwlock { uint64_t opaque_[4]; } zk_rwlock_t;
+typedef struct zk_sem { uint64_t opaque_[4]; } zk_sem_t;
+typedef struct zk_waitgroup { uint64_t opaque_[4]; } zk_waitgroup_t;
+typedef struct zk_once { uint64_t opaque_[4]; } zk_once_t;
+typedef struct zk_barrier { uint64_t opaque_[4]; } zk_barrier_t;
+
+#define ZK_MUTEX_INIT { { 0 } }
+#define ZK_COND_INIT { { 0 } }
+#define ZK_RWLOCK_INIT { { 0 } }
+#define ZK_ONCE_INIT { { 0 } }
+
+/* Mutex.  lock: 0, -ETIMEDOUT, -ECANCELED.  trylock: 0 or -EBUSY.  unlock:
+ * 0, or -EPERM if it was not locked (ownership is not checked: any fiber
+ * or thread may unlock, as with a binary semaphore).  Under contention a
+ * locker on a multi-worker runtime spins briefly, then queues. */
+ZK_API int zk_mutex_init(zk_mutex_t *m);
+ZK_API int zk_mutex_destroy(zk_mutex_t *m);
+ZK_API int zk_mutex_lock(zk_mutex_t *m);
+ZK_API int zk_mutex_lock_timed(zk_mutex_t *m, int64_t deadline_ns);
+ZK_API int zk_mutex_trylock(zk_mutex_t *m);
+ZK_API int zk_mutex_unlock(zk_mutex_t *m);
+
+/* Condition variable, used with a zk_mutex_t held by the caller.  wait
+ * releases m, parks until signalled, and re-acquires m before returning -
+ * always, also when it returns -ETIMEDOUT or -ECANCELED (re-acquiring is
+ * neither timed nor cancellable).  Returns 0 when signalled; like every
+ * condition variable it may also return 0 without a matching change of
+ * state, so wait in a loop.  signal wakes the longest waiter, broadcast
+ * all; both return 0. */
+ZK_API int zk_cond_init(zk_cond_t *c);
+ZK_API int zk_cond_destroy(zk_cond_t *c);
+ZK_API int zk_cond_wait(zk_cond_t *c, zk_mutex_t *m);
+ZK_API int zk_cond_wait_timed(zk_cond_t *c, zk_mutex_t *m, int64_t deadline_ns);
+ZK_API int zk_cond_signal(zk_cond_t *c);
+ZK_API int zk_cond_broadcast(zk_cond_t *c);
+
+/* Reader-writer lock: many readers or one writer, admitted in arrival
+ * order (a reader queues behind a waiting writer, so writers do not
+ * starve).  try*: 0 or -EBUSY.  unlock releases whichever side the caller
+ * holds: 0, or -EPERM if the lock is not held. */
+ZK_API int zk_rwlock_init(zk_rwlock_t *l);
+ZK_API int zk_rwlock_destroy(zk_rwlock_t *l);
+ZK_API int zk_rwlock_rdlock(zk_rwlock_t *l);
+ZK_API int zk_rwlock_rdlock_timed(zk_rwlock_t *l, int64_t deadline_ns);
+ZK_API int zk_rwlock_tryrdlock(zk_rwlock_t *l);
+ZK_API int zk_rwlock_wrlock(zk_rwlock_t *l);
+ZK_API int zk_rwlock_wrlock_timed(zk_rwlock_t *l, int64_t deadline_ns);
+ZK_API int zk_rwlock_trywrlock(zk_rwlock_t *l);
+ZK_API int zk_rwlock_unlock(zk_rwlock_t *l);
+
+/* Counting semaphore (value <= INT32_MAX).  wait takes one unit, parking
+ * while there is none; trywait: 0 or -EAGAIN.  post gives one unit (to the
+ * longest waiter if any): 0, or -EOVERFLOW.  value is a snapshot. */
+ZK_API int zk_sem_init(zk_sem_t *s, unsigned value);
+ZK_API int zk_sem_destroy(zk_sem_t *s);
+ZK_API int zk_sem_wait(zk_sem_t *s);
+ZK_API int zk_sem_wait_timed(zk_sem_t *s, int64_t deadline_ns);
+ZK_API int zk_sem_trywait(zk_sem_t *s);
+ZK_API int zk_sem_post(zk_sem_t *s);
+ZK_API int zk_sem_value(zk_sem_t *s);
+
+/* Wait group (Go's sync.WaitGroup): add(n) before starting n jobs, done()
+ * as each ends, wait() until the count is 0.  add: 0, or -EINVAL if the
+ * count would go negative (unchanged then). */
+ZK_API int zk_waitgroup_init(zk_waitgroup_t *g);
+ZK_API int zk_waitgroup_add(zk_waitgroup_t *g, int delta);
+ZK_API int zk_waitgroup_done(zk_waitgroup_t *g);
+ZK_API int zk_waitgroup_wait(zk_waitgroup_t *g);
+ZK_API int zk_waitgroup_wait_timed(zk_waitgroup_t *g, int64_t deadline_ns);
+
+/* Run fn(arg) exactly once per zk_once_t.  Callers arriving while it runs
+ * wait for it to finish.  Returns 0 once fn has run (by this call or
+ * another); a waiting caller may instead get -ECANCELED or -ETIMEDOUT (fn
+ * then still runs to completion in the first caller). */
+ZK_API int zk_once(zk_once_t *once, void (*fn)(void *), void *arg);
+
+/* Barrier for count parties: each wait blocks until count callers have
+ * arrived, then all proceed and the barrier is ready for the next round.
+ * Returns ZK_BARRIER_SERIAL in exactly one caller of each round (the last
+ * to arrive), 0 in the others; a waiter that times out or is cancelled
+ * withdraws its arrival. */
+#define ZK_BARRIER_SERIAL 1
+ZK_API int zk_barrier_init(zk_barrier_t *b, unsigned count);
+ZK_API int zk_barrier_destroy(zk_barrier_t *b);
+ZK_API int zk_barrier_wait(zk_barrier_t *b);
+ZK_API int zk_barrier_wait_timed(zk_barrier_t *b, int64_t deadline_ns);
+
+/* ------------------------------------------------------------------------ */
+/* Channels and select                                                       */
+/* ------------------------------------------------------------------------ */
+
+/* A channel carries elements of a fixed size (copied in and out) between
+ * any number of senders and receivers (fibers or plain threads), in FIFO
+ * order per sender.  Capacity 0 is a rendezvous (send waits for a
+ * receiver), N buffers N elements (send waits while full: backpressure),
+ * ZK_CHAN_UNBOUNDED never makes send wait (the buffer grows).
+ *
+ * Results, the same for every send/recv variant and for select cases:
+ *   0           the element was sent / received
+ *   -EPIPE      the channel is closed: a send fails (the element is not
+ *               sent; senders parked at close fail too); a receive fails
+ *               only once every buffered element has been received
+ *   -EAGAIN     try_* only: it would have to wait
+ *   -ETIMEDOUT  the deadline (the call's or the fiber's) passed
+ *   -ECANCELED  the fiber was cancelled
+ *   -ENOMEM     an unbounded channel could not grow
+ * A failed call has no effect on the channel. */
+
+typedef struct zk_chan zk_chan_t;
+
+#define ZK_CHAN_UNBOUNDED ((size_t)-1)
+
+/* Create a channel for elements of elem_size bytes (1 .. 1 MiB).  Returns
+ * 0, -EINVAL, -ENOMEM. */
+ZK_API int zk_chan_create(zk_chan_t **out, size_t elem_size, size_t capacity);
+
+/* Free a channel nobody waits on (buffered elements are dropped).  Returns
+ * 0, or -EBUSY while a sender or receiver is parked on it. */
+ZK_API int zk_chan_destroy(zk_chan_t *ch);
+
+ZK_API int zk_chan_send(zk_chan_t *ch, const void *elem);
+ZK_API int zk_chan_send_timed(zk_chan_t *ch, const void *elem, int64_t deadline_ns);
+ZK_API int zk_chan_try_send(zk_chan_t *ch, const void *elem);
+ZK_API int zk_chan_recv(zk_chan_t *ch, void *out);
+ZK_API int zk_chan_recv_timed(zk_chan_t *ch, void *out, int64_t deadline_ns);
+ZK_API int zk_chan_try_recv(zk_chan_t *ch, void *out);
+
+/* Close: wakes every parked receiver (-EPIPE, nothing is buffered when
+ * receivers wait) and sender (-EPIPE).  Returns 0, or -EPIPE if it was
+ * already closed. */
+ZK_API int zk_chan_close(zk_chan_t *ch);
+
+/* Elements buffered now (a snapshot), and the capacity given at create. */
+ZK_API size_t zk_chan_len(zk_chan_t *ch);
+ZK_API size_t zk_chan_cap(const zk_chan_t *ch);
+
+/* Select: wait until one of several sends/receives can proceed, do exactly
+ * that one, and return its index.  Among cases ready at the same time the
+ * choice is uniformly random.  A case with chan == NULL is ignored.  *result
+ * (if result is not NULL) gets the case's outcome: 0, or -EPIPE if its
+ * channel is closed (a receive from a closed, drained channel or a send to a
+ * closed channel is "ready" and completes with -EPIPE).  Returns the case
+ * index, or -ETIMEDOUT, -ECANCELED, -EINVAL (bad case, n > ZK_SELECT_MAX),
+ * -ENOMEM; zk_select_try returns -EAGAIN instead of waiting (Go's
+ * "default").  With no usable case at all, zk_select waits only for the
+ * deadline or cancellation. */
+#define ZK_SELECT_SEND 1
+#define ZK_SELECT_RECV 2
+#define ZK_SELECT_MAX 1024
+
+typedef struct zk_select_case {
+	zk_chan_t *chan;
+	int op;      /* ZK_SELECT_SEND or ZK_SELECT_RECV */
+	void *buf;   /* element to send / where to receive */
+} zk_select_case_t;
+
+ZK_API int zk_select(zk_select_case_t *cases, int n, int *result);
+ZK_API int zk_select_timed(zk_select_case_t *cases, int n, int *result, int64_t deadline_ns);
+ZK_API int zk_select_try(zk_select_case_t *cases, int n, int *result);
+
+/* ------------------------------------------------------------------------ */
+/* Structured concurrency: scopes                                            */
+/* ------------------------------------------------------------------------ */
+
+/* A scope (nursery) owns the fibers spawned in it: they cannot outlive it.
+ *
+ *     zk_scope_t *s;
+ *     zk_scope_begin(&s);
+ *     zk_scope_spawn(s, fetch, &a);
+ *     zk_scope_spawn(s, fetch, &b);
+ *     int rc = zk_scope_end(s);   // waits for both; first failure or 0
+ *
+ * A member task returns 0 for success or a negative errno for failure.  The
+ * first failure cancels every other member (their waits return -ECANCELED,
+ * so they unwind) and is what zk_scope_end returns.
+ *
+ * Cancellation of the owner: if the fiber waiting in zk_scope_end is
+ * cancelled (or its deadline passes), the scope cancels all members and
+ * keeps waiting - without deadline, uncancellably - until every one has
+ * ended; then zk_scope_end returns -ECANCELED (or -ETIMEDOUT), unless a
+ * member had already failed, whose error it returns instead.  Cancelling a
+ * fiber therefore cancels the whole tree of scopes below it, and never
+ * leaves an orphan running. */
+
+typedef struct zk_scope zk_scope_t;
+typedef int (*zk_task_fn)(void *arg);
+
+/* Open a scope.  Returns 0, -EINVAL, -ENOMEM.  Any thread (the members
+ * are fibers, so spawning needs a fiber, see zk_scope_spawn). */
+ZK_API int zk_scope_begin(zk_scope_t **out);
+
+/* Spawn fn(arg) as a member.  Fiber only.  Returns 0, -ECANCELED if the
+ * scope is already cancelled (a member failed, or zk_scope_cancel), or
+ * zk_spawn's errors. */
+ZK_API int zk_scope_spawn(zk_scope_t *s, zk_task_fn fn, void *arg);
+
+/* Cancel every member (a failure is not recorded).  Any thread. */
+ZK_API int zk_scope_cancel(zk_scope_t *s);
+
+/* Wait for all members, free the scope, and return the first failure or
+ * 0 (see above for the owner's cancellation).  Call it exactly once, from
+ * the owner - never from a member (that would wait for itself).  Parks a
+ * fiber, blocks a plain thread. */
+ZK_API int zk_scope_end(zk_scope_t *s);
+
+/* ------------------------------------------------------------------------ */
+/* Generators                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* A generator is a function running on its own fiber that produces values
+ * one by one for a single consumer:
+ *
+ *     static void count(zk_gen_t *g, void *arg) {
+ *         for (int i = 0; ; i++)
+ *             if (zk_gen_yield(g, &i) != 0)
+ *                 return;              // abandoned: clean up and return
+ *     }
+ *     zk_gen_create(&g, sizeof(int), count, NULL);
+ *     while (zk_gen_next(g, &v) == 0) ...
+ *     zk_gen_destroy(g);
+ *
+ * It is lazy: the function runs only while the consumer waits in
+ * zk_gen_next, and stops in zk_gen_yield until the next call. */
+
+typedef struct zk_gen zk_gen_t;
+typedef void (*zk_gen_fn)(zk_gen_t *g, void *arg);
+
+/* Create a generator of elem_size-byte values; fn(g, arg) starts at the
+ * first zk_gen_next.  Fiber only.  Returns 0, -EINVAL, -EPERM on a plain
+ * thread, -ENOMEM, or zk_spawn's errors. */
+ZK_API int zk_gen_create(zk_gen_t **out, size_t elem_size, zk_gen_fn fn, void *arg);
+
+/* In the generator: hand *value to the consumer and wait for the next
+ * request.  Returns 0, or -EPIPE / -ECANCELED when the generator was
+ * abandoned (zk_gen_destroy) or its fiber cancelled: then return from fn. */
+ZK_API int zk_gen_yield(zk_gen_t *g, const void *value);
+
+/* In the consumer: the next value into *out.  Returns 0, -EPIPE once the
+ * generator function has returned, or -ETIMEDOUT / -ECANCELED (the
+ * consumer's deadline or cancellation; the generator may then have one
+ * value computed ahead, which the next call gets). */
+ZK_API int zk_gen_next(zk_gen_t *g, void *out);
+
+/* Abandon or release a generator at any point: the generator's pending or
+ * next zk_gen_yield fails, its function returns, its fiber is joined, and
+ * everything is freed.  Returns 0 or -EINVAL. */
+ZK_API int zk_gen_destroy(zk_gen_t *g);
+
+/* ------------------------------------------------------------------------ */
 /* Fiber-local storage                                                       */
 /* ------------------------------------------------------------------------ */
 
@@ -201,6 +531,138 @@ ZK_API void *zk_key_get(zk_key_t key);
 /* Set the calling fiber's value.  Fiber only.  Returns 0, -EPERM outside a
  * fiber, -EINVAL for a bad key, -ENOMEM. */
 ZK_API int zk_key_set(zk_key_t key, void *value);
+
+/* ------------------------------------------------------------------------ */
+/* I/O                                                                       */
+/* ------------------------------------------------------------------------ */
+
+/* Blocking-style I/O that parks the calling fiber, not its worker.
+ *
+ * Each call takes the arguments of the system call it is named after and
+ * returns what it returns - or a negative errno value instead of -1.  In a
+ * fiber it parks until the operation is done: under io_uring the kernel does
+ * the operation (submissions are batched per scheduler round); under epoll
+ * the call is tried at once and the fiber waits for readiness only on
+ * EAGAIN.  On a plain thread (outside any runtime) each call is the plain
+ * blocking system call.
+ *
+ * Every call that waits honours the fiber's deadline (zk_deadline_set):
+ * -ETIMEDOUT once it has passed, and cancellation (zk_cancel): -ECANCELED,
+ * also for every later call of a cancelled fiber.  Under io_uring a
+ * cancelled or timed-out operation is cancelled in the kernel and the fiber
+ * resumes only once the kernel has let go of its buffer; if the operation
+ * completed anyway, its real result is returned (data is never lost).
+ *
+ * fds under the epoll backend: calls switch an fd to O_NONBLOCK the first
+ * time they meet it (remembered per fd number until zk_close), and fds that
+ * zk_accept / zk_socket / the helpers below create are non-blocking there.
+ * Close such fds with zk_close, not close(), so a reused fd number is not
+ * mistaken for the old one.  A fiber parked on an fd that another fiber
+ * closes is not woken: shut the socket down (zk_shutdown) or cancel the
+ * fiber first.
+ *
+ * SIGPIPE: zk_send, zk_sendto and zk_sendmsg add MSG_NOSIGNAL, so a peer
+ * that went away gives -EPIPE.  zk_write/zk_writev on a socket cannot do
+ * that: use zk_send on sockets, or ignore SIGPIPE in the process. */
+
+ZK_API ssize_t zk_read(int fd, void *buf, size_t len);
+ZK_API ssize_t zk_write(int fd, const void *buf, size_t len);
+ZK_API ssize_t zk_readv(int fd, const struct iovec *iov, int iovcnt);
+ZK_API ssize_t zk_writev(int fd, const struct iovec *iov, int iovcnt);
+/* Files: under epoll these run on the blocking pool (zk_blocking). */
+ZK_API ssize_t zk_pread(int fd, void *buf, size_t len, off_t off);
+ZK_API ssize_t zk_pwrite(int fd, const void *buf, size_t len, off_t off);
+
+ZK_API ssize_t zk_recv(int fd, void *buf, size_t len, int flags);
+ZK_API ssize_t zk_send(int fd, const void *buf, size_t len, int flags);
+ZK_API ssize_t zk_recvmsg(int fd, struct msghdr *msg, int flags);
+ZK_API ssize_t zk_sendmsg(int fd, const struct msghdr *msg, int flags);
+ZK_API ssize_t zk_recvfrom(int fd, void *buf, size_t len, int flags,
+			   struct sockaddr *addr, socklen_t *addrlen);
+ZK_API ssize_t zk_sendto(int fd, const void *buf, size_t len, int flags,
+			 const struct sockaddr *addr, socklen_t addrlen);
+
+/* accept4(): flags are SOCK_NONBLOCK / SOCK_CLOEXEC.  Returns the new fd. */
+ZK_API int zk_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags);
+/* Connect; parks until the connection is made or refused (-ECONNREFUSED). */
+ZK_API int zk_connect(int fd, const struct sockaddr *addr, socklen_t addrlen);
+/* Never parks. */
+ZK_API int zk_shutdown(int fd, int how);
+ZK_API int zk_close(int fd);
+/* socket() with SOCK_CLOEXEC, and SOCK_NONBLOCK under the epoll backend. */
+ZK_API int zk_socket(int domain, int type, int protocol);
+
+ZK_API int zk_fsync(int fd);
+ZK_API int zk_fdatasync(int fd);
+ZK_API int zk_open(const char *path, int flags, mode_t mode);
+ZK_API int zk_openat(int dirfd, const char *path, int flags, mode_t mode);
+
+/* Wait until fd (any pollable fd, also one Zokio did not create) is
+ * readable / writable, or until deadline_ns (zk_now_ns clock, < 0 for
+ * none; the fiber's deadline also applies).  Returns 0, -ETIMEDOUT,
+ * -ECANCELED.  On a plain thread this is poll(). */
+ZK_API int zk_wait_readable(int fd, int64_t deadline_ns);
+ZK_API int zk_wait_writable(int fd, int64_t deadline_ns);
+
+/* ---- blocking pool ---- */
+
+/* Run fn(arg) on the runtime's blocking pool, a set of plain threads for
+ * work no backend makes asynchronous (name resolution, files under epoll,
+ * CPU-heavy or blocking library calls).  The calling fiber parks until fn
+ * returns; *result (if not NULL) gets its return value.  fn always runs to
+ * the end: cancelling the fiber does not interrupt it (the call then still
+ * returns 0).  The pool has at most $ZOKIO_BLOCKING_THREADS threads
+ * (default 64); a thread idle for 10 s exits.  On a plain thread fn runs
+ * right there.  Returns 0, -ENOMEM or -EAGAIN (no thread could start). */
+ZK_API int zk_blocking(void *(*fn)(void *), void *arg, void **result);
+
+/* ---- addresses and sockets ---- */
+
+/* An IPv4, IPv6 or Unix-domain socket address. */
+typedef struct zk_addr {
+	union {
+		struct sockaddr sa;
+		struct sockaddr_in in;
+		struct sockaddr_in6 in6;
+		struct sockaddr_un un;
+		struct sockaddr_storage ss;
+	} u;
+	socklen_t len;
+} zk_addr_t;
+
+/* Longest text zk_addr_format writes, with its NUL. */
+#define ZK_ADDR_STRLEN 128
+
+/* Parse "1.2.3.4:80", "[::1]:80", "[fe80::1%eth0]:80" or "unix:/path"
+ * (numeric only; see zk_addr_resolve for names).  Returns 0 or -EINVAL. */
+ZK_API int zk_addr_parse(zk_addr_t *out, const char *text);
+/* Format a as zk_addr_parse reads it.  Returns the length, -ENOSPC if
+ * size is too small, -EAFNOSUPPORT for another family. */
+ZK_API int zk_addr_format(const zk_addr_t *a, char *buf, size_t size);
+/* Resolve host (a name or numeric address; NULL = any) and port with
+ * getaddrinfo on the blocking pool; the first result is kept.  socktype is
+ * SOCK_STREAM or SOCK_DGRAM.  Returns 0, -ENOENT (no such name), -EINVAL. */
+ZK_API int zk_addr_resolve(zk_addr_t *out, const char *host, int port, int socktype);
+
+#define ZK_NET_REUSEPORT 1   /* set SO_REUSEPORT (several listeners, one port) */
+#define ZK_NET_V6ONLY 2      /* an IPv6 listener that does not take IPv4 */
+
+/* A listening TCP socket on host:port (SO_REUSEADDR always; flags from
+ * ZK_NET_*; backlog <= 0 means SOMAXCONN).  host NULL or "" = all IPv4
+ * addresses; "::" = all addresses.  Returns the fd or a negative errno. */
+ZK_API int zk_tcp_listen(const char *host, int port, int backlog, int flags);
+/* Resolve host (blocking pool) and connect to each of its addresses in
+ * turn.  Returns the connected fd or the last error. */
+ZK_API int zk_tcp_connect(const char *host, int port);
+/* UDP socket bound to host:port / connected to host:port. */
+ZK_API int zk_udp_bind(const char *host, int port, int flags);
+ZK_API int zk_udp_connect(const char *host, int port);
+/* Unix-domain stream sockets (an existing socket file is replaced). */
+ZK_API int zk_unix_listen(const char *path, int backlog);
+ZK_API int zk_unix_connect(const char *path);
+/* The same from a parsed address; type is SOCK_STREAM or SOCK_DGRAM. */
+ZK_API int zk_listen_addr(const zk_addr_t *a, int type, int backlog, int flags);
+ZK_API int zk_connect_addr(const zk_addr_t *a, int type);
 
 /* ------------------------------------------------------------------------ */
 /* Observability                                                             */

@@ -9,7 +9,8 @@ noinst_PROGRAMS = perf/zk_bench perf/ucontext_switch \
 	perf/peers/c/echo_epoll perf/peers/c/loadgen
 
 # Zokio's side of every benchmark (benchmarks it lacks print NA).
-perf_zk_bench_SOURCES = perf/zk_bench.c perf/bench.h
+perf_zk_bench_SOURCES = perf/zk_bench.c perf/zk_bench_io.c perf/zk_bench_sync.c \
+	perf/bench.h
 perf_zk_bench_LDADD = libzokio_core.la
 
 # Context-switch baselines.

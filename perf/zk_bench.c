@@ -7,6 +7,8 @@
  *                 (compare with Go's Gosched and Tokio's yield_now)
  *   spawn         spawn+run+join of empty fibers in batches of 1000
  *
+ * Channel, lock, timer and memory benchmarks live in zk_bench_sync.c, the
+ * I/O servers in zk_bench_io.c.
  * Benchmarks whose feature does not exist yet print NA.
  */
 #include "config.h"
@@ -18,6 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+
+int zk_bench_io(const char *bench, int argc, char **argv); /* zk_bench_io.c */
+int zk_bench_sync(const char *bench, int argc, char **argv); /* zk_bench_sync.c */
 
 static int argc_g;
 static char **argv_g;
@@ -162,14 +167,12 @@ int main(int argc, char **argv)
 		return bench_yield();
 	if (!strcmp(b, "spawn"))
 		return bench_spawn();
-	static const char *later[] = { "chan_pingpong", "wake_latency", "mutex", "timers",
-				       "mem_parked", "mem_queued", "echo_server", "http_server" };
-	for (size_t i = 0; i < sizeof(later) / sizeof(later[0]); i++) {
-		if (!strcmp(b, later[i])) {
-			bench_na(b, "not built yet");
-			return 0;
-		}
-	}
+	int io = zk_bench_io(b, argc, argv);
+	if (io >= 0)
+		return io;
+	int sync = zk_bench_sync(b, argc, argv);
+	if (sync >= 0)
+		return sync;
 	fprintf(stderr, "%s: unknown benchmark '%s'\n", argv[0], b);
 	return 2;
 }

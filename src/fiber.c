@@ -10,6 +10,7 @@
 #include "config.h"
 #include "sanitize.h"
 #include "scheduler.h"
+#include "driver.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -170,8 +171,13 @@ int zk_cancel(zk_fiber_t *f)
 	atomic_store_explicit(&f->cancel, 1, memory_order_seq_cst);
 	/* Pairs with after_switch(): it stores PARKED, fences, reads cancel. */
 	zk__fence_seq_cst();
-	if (atomic_load_explicit(&f->state, memory_order_seq_cst) == ZK__PARKED && f->cancellable_park)
-		zk__unpark(f, -ECANCELED);
+	if (atomic_load_explicit(&f->state, memory_order_seq_cst) == ZK__PARKED) {
+		struct zk__cancel_hook *h = atomic_load_explicit(&f->cancel_hook, memory_order_acquire);
+		if (h)
+			h->fn(h);
+		else if (f->cancellable_park)
+			zk__unpark(f, -ECANCELED);
+	}
 	return 0;
 }
 

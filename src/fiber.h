@@ -14,6 +14,7 @@
 
 struct zk__stack;
 struct zk__waiter;
+struct zk__cancel_hook;
 
 enum zk__fiber_state {
 	ZK__FREE = 0,     /* record on a free list */
@@ -38,9 +39,16 @@ struct zk_fiber {
 	_Atomic(struct zk__waiter *) joiner; /* ZK__JOIN_DONE once ended */
 	_Atomic int cancel;          /* cancellation requested */
 	int wake_reason;             /* what zk__park returns; set by the waker */
+	int64_t deadline;            /* zk_deadline_set; ZK__NO_DEADLINE (INT64_MAX) if none */
 	int16_t home;                /* worker it started on, -1 before */
 	uint8_t pinned;
-	uint8_t cancellable_park;    /* the current park may be ended by zk_cancel */
+	/* The current park may be ended by zk_cancel.  Atomic: wakers and
+	 * after_switch read it while the fiber, resumed elsewhere, resets it. */
+	_Atomic uint8_t cancellable_park;
+	/* Set while parked in I/O: zk_cancel calls it instead of waking the
+	 * fiber, because only the driver may decide when the kernel is done
+	 * with the operation (driver.h).  The hook outlives every park. */
+	_Atomic(struct zk__cancel_hook *) cancel_hook;
 	int err;                     /* why it never started (join result) */
 	const char *waiting_on;      /* for the fiber dump */
 	void **tls;                  /* ZK_KEYS_MAX values, allocated on first set */

@@ -51,6 +51,10 @@ int zk_runtime_create(zk_runtime_t **out, const zk_runtime_opts_t *opts)
 		return -EINVAL;
 	if (o.stack_size > (size_t)1 << 30)
 		return -EINVAL;
+	const struct zk__driver_vt *vt;
+	int brc = zk__driver_select(o.backend, &vt);
+	if (brc)
+		return brc;
 	if (o.workers == 0)
 		o.workers = default_workers();
 	if (o.stack_cache == 0)
@@ -62,6 +66,7 @@ int zk_runtime_create(zk_runtime_t **out, const zk_runtime_opts_t *opts)
 	if (!rt)
 		return -ENOMEM;
 	rt->opts = o;
+	rt->driver_vt = vt;
 	rt->nworkers = o.workers;
 	int rc = zk__stack_pool_init(&rt->pool, o.stack_size, o.guard == ZK_GUARD_CANARY,
 				     o.stack_cache, o.stack_pool_hwm);
@@ -74,6 +79,11 @@ int zk_runtime_create(zk_runtime_t **out, const zk_runtime_opts_t *opts)
 	zk__runtime_registry_add(rt);
 	*out = rt;
 	return 0;
+}
+
+const char *zk_runtime_backend(zk_runtime_t *rt)
+{
+	return rt && rt->driver_vt ? rt->driver_vt->name : "";
 }
 
 int zk_runtime_run(zk_runtime_t *rt)
@@ -107,6 +117,7 @@ int zk_runtime_destroy(zk_runtime_t *rt)
 		return -EINVAL;
 	if (atomic_load(&rt->running))
 		return -EBUSY;
+	zk__sched_quiesce(rt);
 	zk__runtime_registry_remove(rt);
 	zk__sched_fini(rt);
 	zk__stack_pool_destroy(&rt->pool);

@@ -36,11 +36,15 @@
 #define zk__tsan_create() __tsan_create_fiber(0)
 #define zk__tsan_switch(f) __tsan_switch_to_fiber((f), 0)
 #define zk__tsan_destroy(f) __tsan_destroy_fiber(f)
+#define zk__tsan_acquire(addr) __tsan_acquire(addr)
+#define zk__tsan_release(addr) __tsan_release(addr)
 #else
 #define zk__tsan_current() ((void *)0)
 #define zk__tsan_create() ((void *)0)
 #define zk__tsan_switch(f) ((void)(f))
 #define zk__tsan_destroy(f) ((void)(f))
+#define zk__tsan_acquire(addr) ((void)(addr))
+#define zk__tsan_release(addr) ((void)(addr))
 #endif
 
 #ifdef ZK_VALGRIND

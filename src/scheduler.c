@@ -40,11 +40,13 @@
 #include "sanitize.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ZK__FAIR_TICK 61
@@ -235,10 +237,12 @@ static void drain_inbox(struct zk__worker *w)
 	pthread_mutex_unlock(&w->inbox_lock);
 }
 
+/* Give w a wake-up token; only the first token since w last took one
+ * costs a write to its driver's eventfd. */
 static void unpark_worker(struct zk__worker *w)
 {
-	atomic_store_explicit(&w->parker, 1, memory_order_release);
-	futex_wake(&w->parker, 1);
+	if (atomic_exchange_explicit(&w->parker, 1, memory_order_acq_rel) == 0)
+		zk__driver_wake(&w->driver);
 }
 
 /* Wake w if it sleeps (for its own inbox). */
@@ -318,12 +322,17 @@ void zk__schedule(zk_fiber_t *f)
 			push_runnable(w, old);
 		return;
 	}
+	/* From outside the runtime: once f is queued it may run, end, and the
+	 * runtime be destroyed while we still wake a worker; foreign_wakers
+	 * keeps zk_runtime_destroy() waiting until we are done with it. */
+	atomic_fetch_add_explicit(&rt->foreign_wakers, 1, memory_order_acquire);
 	if (sticky) {
 		inbox_push(&rt->workers[f->home], f);
-		return;
+	} else {
+		injector_push(rt, f);
+		wake_one(rt);
 	}
-	injector_push(rt, f);
-	wake_one(rt);
+	atomic_fetch_sub_explicit(&rt->foreign_wakers, 1, memory_order_release);
 }
 
 void zk__schedule_new(zk_runtime_t *rt, zk_fiber_t *f)
@@ -333,9 +342,17 @@ void zk__schedule_new(zk_runtime_t *rt, zk_fiber_t *f)
 		push_runnable(w, f);
 		return;
 	}
+	atomic_fetch_add_explicit(&rt->foreign_wakers, 1, memory_order_acquire);
 	injector_push(rt, f);
 	if (atomic_load_explicit(&rt->running, memory_order_acquire))
 		wake_one(rt);
+	atomic_fetch_sub_explicit(&rt->foreign_wakers, 1, memory_order_release);
+}
+
+void zk__sched_quiesce(zk_runtime_t *rt)
+{
+	while (atomic_load_explicit(&rt->foreign_wakers, memory_order_acquire))
+		sched_yield();
 }
 
 /* ---- fiber records ------------------------------------------------------ */
@@ -412,9 +429,11 @@ zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt)
 	atomic_init(&f->joiner, NULL);
 	atomic_init(&f->cancel, 0);
 	f->wake_reason = 0;
+	f->deadline = ZK__NO_DEADLINE;
 	f->home = -1;
 	f->pinned = 0;
-	f->cancellable_park = 0;
+	atomic_init(&f->cancellable_park, 0);
+	atomic_init(&f->cancel_hook, NULL);
 	f->err = 0;
 	f->waiting_on = NULL;
 	f->tls = NULL;
@@ -515,12 +534,28 @@ static int fiber_prepare(struct zk__worker *w, zk_fiber_t *f)
 	return 1;
 }
 
+/* Fire this worker's due timers.  Reads the clock only when a timer is
+ * pending.  Returns how many fired (their fibers are now runnable). */
+static int fire_timers(struct zk__worker *w)
+{
+	if (zk__timers_next(&w->timers) == ZK__NO_DEADLINE)
+		return 0;
+	return zk__timers_fire(&w->timers, zk__now());
+}
+
 static zk_fiber_t *pick(struct zk__worker *w)
 {
 	zk_fiber_t *f;
 	if (atomic_load_explicit(&w->inbox_n, memory_order_relaxed))
 		drain_inbox(w);
+	/* A busy worker looks at its timers every 16th pick; an idle one
+	 * always does before it steals or sleeps (find_work). */
+	if ((w->tick & 15) == 15)
+		fire_timers(w);
 	if (++w->tick % ZK__FAIR_TICK == 0) {
+		/* A busy worker flushes its batched submissions and reaps
+		 * completions once per fairness round too. */
+		zk__driver_poll(&w->driver, 0);
 		/* alternate which of the two starvable queues goes first */
 		if ((w->tick / ZK__FAIR_TICK) & 1) {
 			if ((f = fifo_pop(&w->local)) || (f = injector_pop(w)))
@@ -578,7 +613,10 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		atomic_store_explicit(&p->state, ZK__RUNNABLE, memory_order_relaxed);
 		fifo_push(&w->local, p);
 		break;
-	case SW_PARK:
+	case SW_PARK: {
+		/* Read before publish: once published, p may run (and clear
+		 * its fields) on another worker. */
+		int cancellable = p->cancellable_park;
 		atomic_store_explicit(&p->state, ZK__PARKED, memory_order_seq_cst);
 		if (publish(p, arg)) {
 			zk__unpark(p, 0);
@@ -586,9 +624,10 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		}
 		/* Pairs with zk_cancel: it stores cancel then reads state. */
 		zk__fence_seq_cst();
-		if (p->cancellable_park && atomic_load_explicit(&p->cancel, memory_order_seq_cst))
+		if (cancellable && atomic_load_explicit(&p->cancel, memory_order_seq_cst))
 			zk__unpark(p, -ECANCELED);
 		break;
+	}
 	case SW_EXIT:
 		zk__tsan_destroy(FIBER_TSAN(p));
 		zk__stack_put(&w->rt->pool, &w->stacks, p->stack);
@@ -670,12 +709,12 @@ int zk__park(const char *what, zk__publish_fn publish, void *arg, int flags)
 	if (cancellable && atomic_load_explicit(&self->cancel, memory_order_relaxed))
 		return -ECANCELED;
 	self->waiting_on = what;
-	self->cancellable_park = (uint8_t)cancellable;
+	atomic_store_explicit(&self->cancellable_park, (uint8_t)cancellable, memory_order_relaxed);
 	self->wake_reason = 0;
 	struct zk__switch sw = { self, SW_PARK, publish, arg };
 	switch_away(w, self, &sw);
 	self->waiting_on = NULL;
-	self->cancellable_park = 0;
+	atomic_store_explicit(&self->cancellable_park, 0, memory_order_relaxed);
 	return self->wake_reason;
 }
 
@@ -791,14 +830,37 @@ static zk_fiber_t *steal_phase(struct zk__worker *w)
 }
 
 /* The blocking wait of an idle worker: returns once another thread called
- * unpark_worker(w) (the token in w->parker is consumed).  This is the one
- * place a worker blocks; the I/O layer turns it into its driver's wait
- * (io_uring / epoll with an eventfd as the wake-up), bounded by the next
- * timer deadline. */
-static void worker_wait(struct zk__worker *w)
+ * unpark_worker(w) (the token in w->parker is consumed) or, when
+ * timeout_ns >= 0, once that many nanoseconds have passed (the worker's
+ * next timer is due; the token is then left alone).  This is the one place
+ * a worker blocks; the I/O layer turns it into its driver's wait
+ * (io_uring / epoll with an eventfd as the wake-up), bounded the same way. */
+static void worker_wait(struct zk__worker *w, int64_t timeout_ns)
 {
-	while (atomic_exchange_explicit(&w->parker, 0, memory_order_acquire) == 0)
-		futex_wait(&w->parker, 0);
+	/* A token already here: a waker came after the last look at the
+	 * queues; its eventfd write (if any) only makes a later wait short. */
+	if (atomic_exchange_explicit(&w->parker, 0, memory_order_acquire))
+		return;
+	/* The driver's wait also returns for I/O completions, which it has
+	 * made runnable by then (the caller takes itself off the idle list). */
+	zk__driver_poll(&w->driver, timeout_ns);
+	atomic_exchange_explicit(&w->parker, 0, memory_order_acquire);
+}
+
+/* Take w off the idle list if a waker has not already done so. */
+static void idle_leave(struct zk__worker *w)
+{
+	zk_runtime_t *rt = w->rt;
+	pthread_mutex_lock(&rt->idle_lock);
+	if (w->idle) {
+		struct zk__worker **pp = &rt->idle;
+		while (*pp != w)
+			pp = &(*pp)->next_idle;
+		*pp = w->next_idle;
+		w->idle = 0;
+		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
+	}
+	pthread_mutex_unlock(&rt->idle_lock);
 }
 
 static void worker_sleep(struct zk__worker *w)
@@ -813,20 +875,24 @@ static void worker_sleep(struct zk__worker *w)
 
 	zk__fence_seq_cst();
 	if (work_visible(rt, w) || atomic_load_explicit(&rt->done, memory_order_seq_cst)) {
-		pthread_mutex_lock(&rt->idle_lock);
-		if (w->idle) {
-			struct zk__worker **pp = &rt->idle;
-			while (*pp != w)
-				pp = &(*pp)->next_idle;
-			*pp = w->next_idle;
-			w->idle = 0;
-			atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
-		}
-		pthread_mutex_unlock(&rt->idle_lock);
+		idle_leave(w);
 		return;
 	}
+	/* Sleep no longer than until this worker's next timer.  Only this
+	 * worker arms its timers, so the deadline cannot move earlier while
+	 * it sleeps (another thread's disarm only makes it later). */
+	int64_t timeout = -1, next = zk__timers_next(&w->timers);
+	if (next != ZK__NO_DEADLINE) {
+		timeout = next - zk__now();
+		if (timeout <= 0) {
+			idle_leave(w);
+			return;
+		}
+	}
 	stat_inc(&w->st_parks);
-	worker_wait(w);
+	worker_wait(w, timeout);
+	/* woke for a timer or I/O: nobody took us off the list */
+	idle_leave(w);
 	stat_inc(&w->st_wakeups);
 }
 
@@ -839,6 +905,11 @@ static zk_fiber_t *find_work(struct zk__worker *w)
 			return f;
 		if (atomic_load_explicit(&rt->done, memory_order_acquire))
 			return NULL;
+		if (fire_timers(w))
+			continue;
+		/* Our own completions first, before taking others' work. */
+		if (rt->nworkers > 1 && zk__driver_poll(&w->driver, 0))
+			continue;
 		f = steal_phase(w);
 		if (f)
 			return f;
@@ -888,7 +959,9 @@ static void *worker_main(void *arg)
 		pthread_attr_destroy(&attr);
 	}
 	w->sched_tsan = zk__tsan_current();
+	zk__driver_start(&w->driver);
 	worker_loop(w);
+	zk__driver_stop(&w->driver);
 	tls_worker = NULL;
 	zk__altstack_leave(alt);
 	return NULL;
@@ -908,6 +981,14 @@ int zk__sched_init(zk_runtime_t *rt)
 		w->index = i;
 		w->rng = 0x9e3779b9u * (uint32_t)(i + 1);
 		pthread_mutex_init(&w->inbox_lock, NULL);
+		zk__timers_init(&w->timers);
+		int rc = zk__driver_init(&w->driver, w, rt->driver_vt);
+		if (rc) {
+			while (i-- > 0)
+				zk__driver_fini(&rt->workers[i].driver);
+			free(rt->workers);
+			return rc;
+		}
 	}
 	pthread_mutex_init(&rt->inj_lock, NULL);
 	pthread_mutex_init(&rt->idle_lock, NULL);
@@ -953,6 +1034,8 @@ void zk__sched_fini(zk_runtime_t *rt)
 		struct zk__worker *w = &rt->workers[i];
 		zk__stack_cache_flush(&rt->pool, &w->stacks);
 		pthread_mutex_destroy(&w->inbox_lock);
+		zk__timers_fini(&w->timers);
+		zk__driver_fini(&w->driver);
 	}
 	struct zk__slab *s = rt->slabs;
 	while (s) {

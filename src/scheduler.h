@@ -6,8 +6,10 @@
 
 #include "config.h"
 #include "deque.h"
+#include "driver.h"
 #include "fiber.h"
 #include "stack.h"
+#include "timer.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -43,6 +45,8 @@ struct zk__worker {
 	uint64_t tick;
 	uint32_t rng;
 	struct zk__stack_cache stacks;
+	struct zk__timers timers;       /* armed by this worker's parks (timer.c) */
+	struct zk__driver driver;       /* its I/O backend and wake-up (driver.h) */
 	zk_fiber_t *free_fibers;        /* record free list */
 	unsigned nfree;
 	uint64_t next_id, id_end;       /* block of fiber ids */
@@ -64,6 +68,7 @@ struct zk__worker {
 
 struct zk_runtime {
 	zk_runtime_opts_t opts;
+	const struct zk__driver_vt *driver_vt; /* backend chosen at create */
 	int nworkers;
 	struct zk__worker *workers;
 	struct zk__stack_pool pool;
@@ -80,6 +85,7 @@ struct zk_runtime {
 	_Atomic long live;              /* fibers spawned and not yet ended */
 	_Atomic int running;
 	_Atomic int done;               /* live reached 0: workers leave */
+	_Atomic int foreign_wakers;     /* plain threads inside zk__schedule */
 
 	pthread_mutex_t rec_lock;       /* fiber records */
 	struct zk__slab *slabs;
@@ -103,6 +109,9 @@ int zk__sched_init(zk_runtime_t *rt);
 void zk__sched_fini(zk_runtime_t *rt);
 int zk__sched_run(zk_runtime_t *rt);
 void zk__sched_fiber_ended(zk_runtime_t *rt);
+/* Wait until no thread outside the runtime is still waking one of its
+ * fibers (called before the runtime's memory goes away). */
+void zk__sched_quiesce(zk_runtime_t *rt);
 /* Suspend the current fiber for good (it ended). */
 void zk__fiber_finish(zk_fiber_t *self) __attribute__((noreturn));
 void zk__yield(zk_fiber_t *self);

@@ -1,0 +1,163 @@
+/*
+ * driver.h - the one internal interface between the I/O layer (io.c) and an
+ * operating-system event backend.  One file per backend, same shape:
+ * driver_uring.c (io_uring), driver_epoll.c (epoll); kqueue and IOCP fit the
+ * same mould later.
+ *
+ * Two kinds of backend hide behind it:
+ *   completion-based (io_uring, IOCP): submit() hands the whole operation to
+ *     the kernel; its result arrives later;
+ *   readiness-based (epoll, kqueue): the I/O layer first tries the system
+ *     call itself; only on EAGAIN does it submit() a ZK__OP_POLL op, whose
+ *     "result" is that the fd became ready, and then retries.
+ * vt->completion tells io.c which of the two it talks to.
+ *
+ * Ownership.  Each worker owns one driver, and only that worker's thread
+ * ever touches the backend state (ring / epoll set, fd table) and the list
+ * of operations in flight.  An op record lives on the stack of the fiber
+ * that waits for it; the fiber parks right after submitting it and is
+ * resumed only by zk__op_complete(), on the owning worker, once the backend
+ * is done with the op (for io_uring: once its completion has arrived - the
+ * kernel may still write into the op's buffer until then).
+ *
+ * Cancellation and deadlines go through the owner too.  zk_cancel(), from
+ * any thread, only raises d->cancel_pending and wakes the driver (the cancel
+ * hook below); the owner then scans its ops and asks the backend to cancel
+ * those whose fiber is cancelled or whose deadline has passed.  The backend
+ * completes them (epoll at once, io_uring when the kernel says so), and
+ * io.c turns the result into -ECANCELED or -ETIMEDOUT.  A deadline is a
+ * timer armed on the owner's heap: it fires on the owner, which cancels the
+ * op the same way.
+ */
+#ifndef ZK_DRIVER_H
+#define ZK_DRIVER_H
+
+#include "config.h"
+#include "fiber.h"
+#include "timer.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+struct zk__worker;
+struct zk__driver;
+
+enum zk__op_kind {
+	ZK__OP_POLL,     /* wait for poll events (flags) on fd: readiness */
+	ZK__OP_READ,     /* buf, len, off (-1: file position) */
+	ZK__OP_WRITE,
+	ZK__OP_READV,    /* iov, iovcnt, off */
+	ZK__OP_WRITEV,
+	ZK__OP_RECV,     /* buf, len, flags */
+	ZK__OP_SEND,
+	ZK__OP_RECVMSG,  /* msg, flags */
+	ZK__OP_SENDMSG,
+	ZK__OP_ACCEPT,   /* addr, addrlenp, flags (accept4) */
+	ZK__OP_CONNECT,  /* addr, addrlen */
+	ZK__OP_CLOSE,
+	ZK__OP_FSYNC,    /* flags: 1 = fdatasync */
+	ZK__OP_OPENAT,   /* fd = dirfd, path, flags, mode */
+};
+
+/* One operation in flight; lives on the waiting fiber's stack. */
+struct zk__op {
+	zk_fiber_t *fiber;
+	struct zk__driver *driver;     /* the driver it was submitted to */
+	struct zk__op *next, *prev;    /* driver's in-flight list (owner only) */
+	struct zk__op *link;           /* the backend's own list (owner only) */
+	int64_t deadline;              /* zk__now() clock; ZK__NO_DEADLINE = none */
+	struct zk__timer timer;        /* armed on the owner while deadline is set */
+	int kind;
+	int fd;
+	int flags;
+	int res;                       /* result, set before the fiber is woken */
+	uint8_t cancelling;            /* backend was asked to cancel it */
+	uint8_t timed_out;             /* ... because its deadline passed */
+	uint8_t done;                  /* zk__op_complete ran (owner only) */
+	uint8_t timer_armed;
+	void *buf;
+	size_t len;
+	int64_t off;
+	const struct iovec *iov;
+	int iovcnt;
+	struct msghdr *msg;
+	struct sockaddr *addr;
+	socklen_t addrlen;
+	socklen_t *addrlenp;
+	const char *path;
+	unsigned mode;
+};
+
+/* The backend's half.  Every function but wake() runs on the owner thread. */
+struct zk__driver_vt {
+	const char *name;
+	int completion;  /* 1: completion-based; 0: readiness-based */
+	/* Create the backend state; called on the worker thread that will own
+	 * it, when the worker starts (io_uring's SINGLE_ISSUER ties a ring to
+	 * the thread that creates it). */
+	int (*start)(struct zk__driver *d);
+	void (*stop)(struct zk__driver *d);
+	/* Start op (readiness backends accept only ZK__OP_POLL).  Returns 0 or
+	 * a negative errno (the op was not started). */
+	int (*submit)(struct zk__driver *d, struct zk__op *op);
+	/* Ask for op to end early; it still completes through
+	 * zk__op_complete, now or later. */
+	void (*cancel)(struct zk__driver *d, struct zk__op *op);
+	/* Push out batched submissions, then complete whatever is ready;
+	 * block up to timeout_ns first when timeout_ns != 0 (< 0: no limit)
+	 * unless something is ready or wake() was called.  Returns the number
+	 * of ops completed. */
+	int (*poll)(struct zk__driver *d, int64_t timeout_ns);
+	/* Make a blocked poll() return.  Any thread. */
+	void (*wake)(struct zk__driver *d);
+};
+
+/* What zk_cancel() calls for a fiber parked in I/O (see fiber.h). */
+struct zk__cancel_hook {
+	void (*fn)(struct zk__cancel_hook *h);
+};
+
+struct zk__driver {
+	const struct zk__driver_vt *vt;
+	struct zk__worker *w;
+	void *impl;                    /* backend state, between start and stop */
+	int wake_fd;                   /* eventfd; lives as long as the runtime */
+	struct zk__cancel_hook hook;
+	_Atomic int cancel_pending;    /* some fiber parked here was cancelled */
+	struct zk__op *ops;            /* in flight (owner only) */
+	long nops;
+};
+
+extern const struct zk__driver_vt zk__driver_epoll;
+#ifdef HAVE_LIBURING
+extern const struct zk__driver_vt zk__driver_uring;
+/* 0 if an io_uring can be set up here, else the negative errno. */
+int zk__uring_probe(void);
+#endif
+
+/* ---- the common half (io.c) ------------------------------------------- */
+
+/* Per worker, for the runtime's life: the eventfd and the cancel hook. */
+int zk__driver_init(struct zk__driver *d, struct zk__worker *w, const struct zk__driver_vt *vt);
+void zk__driver_fini(struct zk__driver *d);
+/* On the worker thread, around its loop. */
+int zk__driver_start(struct zk__driver *d);
+void zk__driver_stop(struct zk__driver *d);
+/* Handle pending cancellations, then vt->poll() (timeout_ns as there).
+ * Op deadlines are timers on the owner's heap (timer.h) whose expiry asks
+ * the backend to cancel.  Returns the number of fibers woken. */
+int zk__driver_poll(struct zk__driver *d, int64_t timeout_ns);
+void zk__driver_wake(struct zk__driver *d);
+
+/* Called by backends: op is finished with result res; wakes its fiber. */
+void zk__op_complete(struct zk__driver *d, struct zk__op *op, int res);
+
+/* The runtime's backend choice: vt for opts->backend / $ZOKIO_BACKEND, or a
+ * negative errno (-EINVAL for an unknown name, -ENOSYS for io_uring asked
+ * for explicitly but refused). */
+int zk__driver_select(int backend, const struct zk__driver_vt **vt);
+
+#endif

@@ -1,0 +1,268 @@
+/*
+ * driver_uring.c - the completion backend: one io_uring per worker.
+ *
+ * submit() only fills a submission entry whose user data is the op record
+ * (on the waiting fiber's stack); nothing reaches the kernel until poll(),
+ * which the scheduler calls when the worker runs out of runnable fibers and
+ * every few dozen ticks, so one io_uring_enter carries a whole round of
+ * submissions.  poll() with a timeout is also where an idle worker sleeps:
+ * io_uring_submit_and_wait_timeout, bounded by the next deadline, woken
+ * early by a read that is always pending on the driver's eventfd.
+ *
+ * Setup flags are probed, best first: SINGLE_ISSUER + DEFER_TASKRUN (the
+ * ring is only ever touched by its worker thread, which is why start() runs
+ * on that thread), then COOP_TASKRUN, then nothing.
+ *
+ * Cancellation: an op is cancelled with IORING_OP_ASYNC_CANCEL, but its
+ * fiber stays parked until the op's own completion arrives: until then the
+ * kernel may still write into the op's buffer, which lives on that fiber's
+ * stack.
+ */
+#include "config.h"
+#include "driver.h"
+#include "sanitize.h"
+
+#include <errno.h>
+#include <liburing.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define UR__ENTRIES 256
+#define UR__CQ_ENTRIES 4096
+#define UR__TAG_IGNORE 0  /* completions of cancel requests */
+#define UR__TAG_WAKE 1    /* the eventfd read */
+
+struct ur {
+	struct io_uring ring;
+	uint64_t wake_buf;
+	unsigned setup_flags;
+};
+
+static const unsigned setup_flag_sets[] = {
+	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL,
+	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL,
+	IORING_SETUP_COOP_TASKRUN,
+	0,
+};
+
+/* Set up ring with the best flags this kernel accepts. */
+static int ring_setup(struct io_uring *ring, unsigned *used)
+{
+	int rc = -EINVAL;
+	for (size_t i = 0; i < sizeof(setup_flag_sets) / sizeof(setup_flag_sets[0]); i++) {
+		struct io_uring_params p;
+		memset(&p, 0, sizeof(p));
+		p.flags = setup_flag_sets[i] | IORING_SETUP_CQSIZE;
+		p.cq_entries = UR__CQ_ENTRIES;
+		rc = io_uring_queue_init_params(UR__ENTRIES, ring, &p);
+		if (rc == 0) {
+			*used = setup_flag_sets[i];
+			return 0;
+		}
+		if (rc != -EINVAL)
+			return rc; /* refused outright: no point trying fewer flags */
+	}
+	return rc;
+}
+
+int zk__uring_probe(void)
+{
+	struct io_uring ring;
+	unsigned used;
+	int rc = ring_setup(&ring, &used);
+	if (rc == 0)
+		io_uring_queue_exit(&ring);
+	return rc;
+}
+
+/* A free submission entry; when the queue is full, push it to the kernel
+ * first (the only submission that does not wait for the end of a round). */
+static struct io_uring_sqe *sqe_get(struct ur *ur)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&ur->ring);
+	if (!sqe) {
+		io_uring_submit(&ur->ring);
+		sqe = io_uring_get_sqe(&ur->ring);
+	}
+	return sqe;
+}
+
+static int arm_wake(struct zk__driver *d, struct ur *ur)
+{
+	struct io_uring_sqe *sqe = sqe_get(ur);
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_read(sqe, d->wake_fd, &ur->wake_buf, sizeof(ur->wake_buf), 0);
+	io_uring_sqe_set_data64(sqe, UR__TAG_WAKE);
+	return 0;
+}
+
+static int ring_lifetimes; /* a ThreadSanitizer sync object, see ur_start */
+
+static int ur_start(struct zk__driver *d)
+{
+	struct ur *ur = calloc(1, sizeof(*ur));
+	if (!ur)
+		return -ENOMEM;
+	int rc = ring_setup(&ur->ring, &ur->setup_flags);
+	if (rc) {
+		free(ur);
+		return rc;
+	}
+	/* liburing maps the rings with raw syscalls, which ThreadSanitizer
+	 * does not see: a new ring may reuse an old ring's addresses, whose
+	 * shadow still holds the old owner thread's accesses.  Order every
+	 * ring's life after every earlier one's end. */
+	zk__tsan_acquire(&ring_lifetimes);
+	arm_wake(d, ur);
+	d->impl = ur;
+	return 0;
+}
+
+static void ur_stop(struct zk__driver *d)
+{
+	struct ur *ur = d->impl;
+	if (!ur)
+		return;
+	/* Every fiber has ended, so only the eventfd read is still in flight;
+	 * tearing the ring down cancels it. */
+	zk__tsan_release(&ring_lifetimes);
+	io_uring_queue_exit(&ur->ring);
+	free(ur);
+	d->impl = NULL;
+}
+
+static int ur_submit(struct zk__driver *d, struct zk__op *op)
+{
+	struct ur *ur = d->impl;
+	struct io_uring_sqe *sqe = sqe_get(ur);
+	if (!sqe)
+		return -EBUSY;
+	switch (op->kind) {
+	case ZK__OP_POLL:
+		io_uring_prep_poll_add(sqe, op->fd, (unsigned)op->flags);
+		break;
+	case ZK__OP_READ:
+		io_uring_prep_read(sqe, op->fd, op->buf, (unsigned)op->len, (uint64_t)op->off);
+		break;
+	case ZK__OP_WRITE:
+		io_uring_prep_write(sqe, op->fd, op->buf, (unsigned)op->len, (uint64_t)op->off);
+		break;
+	case ZK__OP_READV:
+		io_uring_prep_readv(sqe, op->fd, op->iov, (unsigned)op->iovcnt, (uint64_t)op->off);
+		break;
+	case ZK__OP_WRITEV:
+		io_uring_prep_writev(sqe, op->fd, op->iov, (unsigned)op->iovcnt, (uint64_t)op->off);
+		break;
+	case ZK__OP_RECV:
+		io_uring_prep_recv(sqe, op->fd, op->buf, op->len, op->flags);
+		break;
+	case ZK__OP_SEND:
+		io_uring_prep_send(sqe, op->fd, op->buf, op->len, op->flags);
+		break;
+	case ZK__OP_RECVMSG:
+		io_uring_prep_recvmsg(sqe, op->fd, op->msg, (unsigned)op->flags);
+		break;
+	case ZK__OP_SENDMSG:
+		io_uring_prep_sendmsg(sqe, op->fd, op->msg, (unsigned)op->flags);
+		break;
+	case ZK__OP_ACCEPT:
+		io_uring_prep_accept(sqe, op->fd, op->addr, op->addrlenp, op->flags);
+		break;
+	case ZK__OP_CONNECT:
+		io_uring_prep_connect(sqe, op->fd, op->addr, op->addrlen);
+		break;
+	case ZK__OP_CLOSE:
+		io_uring_prep_close(sqe, op->fd);
+		break;
+	case ZK__OP_FSYNC:
+		io_uring_prep_fsync(sqe, op->fd, op->flags ? IORING_FSYNC_DATASYNC : 0);
+		break;
+	case ZK__OP_OPENAT:
+		io_uring_prep_openat(sqe, op->fd, op->path, op->flags, op->mode);
+		break;
+	default:
+		/* Give the entry back as a no-op that nobody waits for. */
+		io_uring_prep_nop(sqe);
+		io_uring_sqe_set_data64(sqe, UR__TAG_IGNORE);
+		return -EINVAL;
+	}
+	io_uring_sqe_set_data(sqe, op);
+	return 0;
+}
+
+static void ur_cancel(struct zk__driver *d, struct zk__op *op)
+{
+	struct ur *ur = d->impl;
+	struct io_uring_sqe *sqe = sqe_get(ur);
+	if (!sqe) {
+		op->cancelling = 0; /* the next scan tries again */
+		return;
+	}
+	io_uring_prep_cancel(sqe, op, 0);
+	io_uring_sqe_set_data64(sqe, UR__TAG_IGNORE);
+}
+
+static int reap(struct zk__driver *d, struct ur *ur)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, seen = 0;
+	int woken = 0, rearm = 0;
+	io_uring_for_each_cqe(&ur->ring, head, cqe) {
+		seen++;
+		uint64_t tag = io_uring_cqe_get_data64(cqe);
+		if (tag == UR__TAG_IGNORE)
+			continue;
+		if (tag == UR__TAG_WAKE) {
+			rearm = 1;
+			continue;
+		}
+		zk__op_complete(d, (struct zk__op *)(uintptr_t)tag, cqe->res);
+		woken++;
+	}
+	io_uring_cq_advance(&ur->ring, seen);
+	if (rearm)
+		arm_wake(d, ur);
+	return woken;
+}
+
+static int ur_poll(struct zk__driver *d, int64_t timeout_ns)
+{
+	struct ur *ur = d->impl;
+	if (timeout_ns == 0) {
+		/* Submit, and let deferred completions be posted. */
+		if (io_uring_sq_ready(&ur->ring) || (ur->setup_flags & IORING_SETUP_DEFER_TASKRUN) ||
+		    !io_uring_cq_ready(&ur->ring))
+			io_uring_submit_and_get_events(&ur->ring);
+	} else if (io_uring_cq_ready(&ur->ring)) {
+		if (io_uring_sq_ready(&ur->ring))
+			io_uring_submit(&ur->ring);
+	} else {
+		struct io_uring_cqe *cqe;
+		struct __kernel_timespec ts = {
+			.tv_sec = timeout_ns / 1000000000,
+			.tv_nsec = timeout_ns % 1000000000,
+		};
+		io_uring_submit_and_wait_timeout(&ur->ring, &cqe, 1, timeout_ns > 0 ? &ts : NULL, NULL);
+	}
+	return reap(d, ur);
+}
+
+static void ur_wake(struct zk__driver *d)
+{
+	uint64_t one = 1;
+	ssize_t r = write(d->wake_fd, &one, sizeof(one));
+	(void)r;
+}
+
+const struct zk__driver_vt zk__driver_uring = {
+	.name = "io_uring",
+	.completion = 1,
+	.start = ur_start,
+	.stop = ur_stop,
+	.submit = ur_submit,
+	.cancel = ur_cancel,
+	.poll = ur_poll,
+	.wake = ur_wake,
+};

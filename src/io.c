@@ -1,0 +1,814 @@
+/*
+ * io.c - the blocking-style I/O API and the common half of the drivers.
+ *
+ * One call, e.g. zk_recv() in a fiber on worker W (DESIGN.md, "The path of
+ * one call"):
+ *   io_uring: an op record on the fiber's stack describes the call; the
+ *     fiber parks, and the publish step (run on W after the fiber's
+ *     registers are saved) queues the op on W's ring.  W flushes its ring
+ *     once per round; the completion stores the result and unparks the
+ *     fiber (op_complete), which returns it.
+ *   epoll: the call is made at once on the non-blocking fd; on EAGAIN a
+ *     readiness op is parked on instead, and the call is retried.
+ * On a plain thread each call is the blocking system call itself.
+ *
+ * Cancellation and deadlines never wake an I/O-parked fiber directly:
+ * zk_cancel() goes through the driver's cancel hook and a deadline is a
+ * timer fired by the owning worker; both make the owner ask the backend to
+ * cancel, and the fiber resumes through op_complete like any other time.
+ */
+#include "config.h"
+#include "driver.h"
+#include "scheduler.h"
+#include "sanitize.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* ---- the common half of the drivers ------------------------------------ */
+
+static void cancel_hook_fn(struct zk__cancel_hook *h)
+{
+	struct zk__driver *d = (struct zk__driver *)((char *)h - offsetof(struct zk__driver, hook));
+	atomic_store_explicit(&d->cancel_pending, 1, memory_order_seq_cst);
+	zk__driver_wake(d);
+}
+
+int zk__driver_init(struct zk__driver *d, struct zk__worker *w, const struct zk__driver_vt *vt)
+{
+	memset(d, 0, sizeof(*d));
+	d->vt = vt;
+	d->w = w;
+	d->hook.fn = cancel_hook_fn;
+	d->wake_fd = eventfd(0, EFD_CLOEXEC);
+	return d->wake_fd < 0 ? -errno : 0;
+}
+
+void zk__driver_fini(struct zk__driver *d)
+{
+	if (d->wake_fd >= 0)
+		close(d->wake_fd);
+	d->wake_fd = -1;
+}
+
+int zk__driver_start(struct zk__driver *d)
+{
+	int rc = d->vt->start(d);
+	if (rc && d->vt != &zk__driver_epoll) {
+		fprintf(stderr, "zokio: worker %d: %s setup failed (%s); using epoll\n", d->w->index,
+			d->vt->name, strerror(-rc));
+		d->vt = &zk__driver_epoll;
+		rc = d->vt->start(d);
+	}
+	/* Without a backend the worker still sleeps and wakes on its eventfd
+	 * (zk__driver_poll), and I/O calls block the thread. */
+	return rc;
+}
+
+void zk__driver_stop(struct zk__driver *d)
+{
+	if (d->impl)
+		d->vt->stop(d);
+	d->vt = d->w->rt->driver_vt;
+}
+
+void zk__driver_wake(struct zk__driver *d)
+{
+	uint64_t one = 1;
+	ssize_t r = write(d->wake_fd, &one, sizeof(one));
+	(void)r;
+}
+
+/* Ask the backend to cancel every op of a cancelled fiber.  Returns the
+ * number of ops that completed at once (readiness backends). */
+static int cancel_scan(struct zk__driver *d)
+{
+	long before = d->nops;
+	struct zk__op *op = d->ops;
+	while (op) {
+		struct zk__op *next = op->next; /* epoll completes (unlinks) at once */
+		if (!op->cancelling && atomic_load_explicit(&op->fiber->cancel, memory_order_relaxed)) {
+			op->cancelling = 1;
+			d->vt->cancel(d, op);
+		}
+		op = next;
+	}
+	return (int)(before - d->nops);
+}
+
+/* Sleep on the eventfd alone: a worker whose backend could not start. */
+static int bare_wait(struct zk__driver *d, int64_t timeout_ns)
+{
+	struct pollfd p = { .fd = d->wake_fd, .events = POLLIN };
+	int ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
+	if (poll(&p, 1, ms) == 1) {
+		uint64_t v;
+		ssize_t r = read(d->wake_fd, &v, sizeof(v));
+		(void)r;
+	}
+	return 0;
+}
+
+int zk__driver_poll(struct zk__driver *d, int64_t timeout_ns)
+{
+	if (!d->impl)
+		return timeout_ns ? bare_wait(d, timeout_ns) : 0;
+	int woken = 0;
+	if (atomic_load_explicit(&d->cancel_pending, memory_order_relaxed) &&
+	    atomic_exchange_explicit(&d->cancel_pending, 0, memory_order_seq_cst))
+		woken = cancel_scan(d);
+	/* Fibers just made runnable must not wait behind a blocking wait. */
+	return woken + d->vt->poll(d, woken ? 0 : timeout_ns);
+}
+
+void zk__op_complete(struct zk__driver *d, struct zk__op *op, int res)
+{
+	if (op->prev)
+		op->prev->next = op->next;
+	else
+		d->ops = op->next;
+	if (op->next)
+		op->next->prev = op->prev;
+	d->nops--;
+	op->res = res;
+	op->done = 1;
+	/* op lives on the fiber's stack: after this it may be gone. */
+	zk__unpark(op->fiber, 0);
+}
+
+static const char *backend_env(void)
+{
+	const char *e = getenv("ZOKIO_BACKEND");
+	return e && *e ? e : NULL;
+}
+
+int zk__driver_select(int backend, const struct zk__driver_vt **vt)
+{
+	if (backend == ZK_BACKEND_AUTO) {
+		const char *e = backend_env();
+		if (!e || !strcmp(e, "auto"))
+			backend = ZK_BACKEND_AUTO;
+		else if (!strcmp(e, "io_uring") || !strcmp(e, "uring"))
+			backend = ZK_BACKEND_IO_URING;
+		else if (!strcmp(e, "epoll"))
+			backend = ZK_BACKEND_EPOLL;
+		else
+			return -EINVAL;
+	}
+	switch (backend) {
+	case ZK_BACKEND_EPOLL:
+		*vt = &zk__driver_epoll;
+		return 0;
+	case ZK_BACKEND_IO_URING:
+#ifdef HAVE_LIBURING
+		if (zk__uring_probe() == 0) {
+			*vt = &zk__driver_uring;
+			return 0;
+		}
+#endif
+		return -ENOSYS;
+	case ZK_BACKEND_AUTO: {
+#ifdef HAVE_LIBURING
+		/* Probe once per process with a real ring: seccomp, sysctl and
+		 * memlock limits only show when a ring is actually set up. */
+		static _Atomic int probed; /* 0 unknown, 1 yes, -errno no */
+		int p = atomic_load(&probed);
+		if (p == 0) {
+			int rc = zk__uring_probe();
+			p = rc == 0 ? 1 : rc;
+			int expected = 0;
+			if (atomic_compare_exchange_strong(&probed, &expected, p) && p < 0)
+				fprintf(stderr, "zokio: io_uring unavailable (io_uring_setup: %s); "
+						"using epoll\n", strerror(-p));
+		}
+		*vt = p == 1 ? &zk__driver_uring : &zk__driver_epoll;
+#else
+		*vt = &zk__driver_epoll;
+#endif
+		return 0;
+	}
+	default:
+		return -EINVAL;
+	}
+}
+
+/* ---- parking on an op ---------------------------------------------------- */
+
+static void op_timer_fn(struct zk__timer *t)
+{
+	struct zk__op *op = t->arg;
+	/* Runs on the owner, like completions: no race with op_complete. */
+	if (op->done || op->cancelling)
+		return;
+	op->timed_out = 1;
+	op->cancelling = 1;
+	op->driver->vt->cancel(op->driver, op);
+}
+
+/* Runs on the owner right after the fiber's registers are saved. */
+static int op_publish(zk_fiber_t *self, void *arg)
+{
+	struct zk__op *op = arg;
+	struct zk__driver *d = op->driver;
+	op->prev = NULL;
+	op->next = d->ops;
+	if (d->ops)
+		d->ops->prev = op;
+	d->ops = op;
+	d->nops++;
+	int rc = d->vt->submit(d, op);
+	if (rc < 0) {
+		op->done = 1;
+		if (op->next)
+			op->next->prev = NULL;
+		d->ops = op->next;
+		d->nops--;
+		op->res = rc;
+		return 1; /* resume at once */
+	}
+	if (op->deadline != ZK__NO_DEADLINE) {
+		zk__timer_init(&op->timer, op_timer_fn, NULL, op);
+		op->timer_armed = zk__timer_arm(&d->w->timers, &op->timer, op->deadline) == 0;
+	}
+	/* A zk_cancel that ran before the fiber was PARKED found no hook to
+	 * call; pairs with its store of cancel, fence, load of state. */
+	zk__fence_seq_cst();
+	if (atomic_load_explicit(&self->cancel, memory_order_seq_cst))
+		atomic_store_explicit(&d->cancel_pending, 1, memory_order_relaxed);
+	return 0;
+}
+
+static const char *op_name(int kind)
+{
+	switch (kind) {
+	case ZK__OP_POLL: return "io: poll";
+	case ZK__OP_READ: return "io: read";
+	case ZK__OP_WRITE: return "io: write";
+	case ZK__OP_READV: return "io: readv";
+	case ZK__OP_WRITEV: return "io: writev";
+	case ZK__OP_RECV: return "io: recv";
+	case ZK__OP_SEND: return "io: send";
+	case ZK__OP_RECVMSG: return "io: recvmsg";
+	case ZK__OP_SENDMSG: return "io: sendmsg";
+	case ZK__OP_ACCEPT: return "io: accept";
+	case ZK__OP_CONNECT: return "io: connect";
+	case ZK__OP_CLOSE: return "io: close";
+	case ZK__OP_FSYNC: return "io: fsync";
+	case ZK__OP_OPENAT: return "io: openat";
+	default: return "io";
+	}
+}
+
+/* Submit op to the calling worker's driver and park until it completes. */
+static int op_wait(struct zk__worker *w, struct zk__op *op)
+{
+	zk_fiber_t *self = w->current;
+	op->fiber = self;
+	op->driver = &w->driver;
+	op->res = 0;
+	op->cancelling = op->timed_out = op->done = op->timer_armed = 0;
+	atomic_store_explicit(&self->cancel_hook, &w->driver.hook, memory_order_relaxed);
+	zk__park(op_name(op->kind), op_publish, op, 0);
+	atomic_store_explicit(&self->cancel_hook, NULL, memory_order_relaxed);
+	if (op->timer_armed)
+		zk__timer_disarm(&op->timer);
+	int res = op->res;
+	if (op->cancelling && (res == -ECANCELED || res == -EINTR))
+		res = op->timed_out ? -ETIMEDOUT : -ECANCELED;
+	return res;
+}
+
+/* The fiber's worker, if I/O should go through a driver; NULL on a plain
+ * thread (or a worker whose backend could not start). */
+static struct zk__worker *io_worker(void)
+{
+	struct zk__worker *w = zk__worker_self();
+	if (!w || !w->current || !w->driver.impl)
+		return NULL;
+	return w;
+}
+
+/* ---- non-blocking fds under epoll ---------------------------------------- */
+
+#define NB_FDS 65536
+static _Atomic uint64_t nb_known[NB_FDS / 64];
+
+static void nb_remember(int fd)
+{
+	if (fd >= 0 && fd < NB_FDS)
+		atomic_fetch_or_explicit(&nb_known[fd / 64], 1ull << (fd % 64), memory_order_relaxed);
+}
+
+static void nb_forget(int fd)
+{
+	if (fd >= 0 && fd < NB_FDS)
+		atomic_fetch_and_explicit(&nb_known[fd / 64], ~(1ull << (fd % 64)), memory_order_relaxed);
+}
+
+static int nb_ensure(int fd)
+{
+	if (fd >= 0 && fd < NB_FDS &&
+	    (atomic_load_explicit(&nb_known[fd / 64], memory_order_relaxed) >> (fd % 64)) & 1)
+		return 0;
+	int fl = fcntl(fd, F_GETFL);
+	if (fl < 0)
+		return -errno;
+	if (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+		return -errno;
+	nb_remember(fd);
+	return 0;
+}
+
+/* ---- the system calls themselves ----------------------------------------- */
+
+static int poll_dir(int kind)
+{
+	switch (kind) {
+	case ZK__OP_WRITE:
+	case ZK__OP_WRITEV:
+	case ZK__OP_SEND:
+	case ZK__OP_SENDMSG:
+	case ZK__OP_CONNECT:
+		return POLLOUT;
+	default:
+		return POLLIN;
+	}
+}
+
+/* Make the call described by op right now; extra_flags go to the msg
+ * flags of socket calls (MSG_DONTWAIT under epoll).  Returns the result or
+ * -errno, read right after the call on the same thread. */
+static ssize_t op_syscall(struct zk__op *op, int extra_flags)
+{
+	ssize_t r;
+	switch (op->kind) {
+	case ZK__OP_READ:
+		r = op->off < 0 ? read(op->fd, op->buf, op->len) : pread(op->fd, op->buf, op->len, op->off);
+		break;
+	case ZK__OP_WRITE:
+		r = op->off < 0 ? write(op->fd, op->buf, op->len) : pwrite(op->fd, op->buf, op->len, op->off);
+		break;
+	case ZK__OP_READV:
+		r = op->off < 0 ? readv(op->fd, op->iov, op->iovcnt) : preadv(op->fd, op->iov, op->iovcnt, op->off);
+		break;
+	case ZK__OP_WRITEV:
+		r = op->off < 0 ? writev(op->fd, op->iov, op->iovcnt)
+				: pwritev(op->fd, op->iov, op->iovcnt, op->off);
+		break;
+	case ZK__OP_RECV:
+		r = recv(op->fd, op->buf, op->len, op->flags | extra_flags);
+		break;
+	case ZK__OP_SEND:
+		r = send(op->fd, op->buf, op->len, op->flags | extra_flags);
+		break;
+	case ZK__OP_RECVMSG:
+		r = recvmsg(op->fd, op->msg, op->flags | extra_flags);
+		break;
+	case ZK__OP_SENDMSG:
+		r = sendmsg(op->fd, op->msg, op->flags | extra_flags);
+		break;
+	case ZK__OP_ACCEPT:
+		r = accept4(op->fd, op->addr, op->addrlenp, op->flags);
+		break;
+	case ZK__OP_CONNECT:
+		r = connect(op->fd, op->addr, op->addrlen);
+		break;
+	case ZK__OP_CLOSE:
+		r = close(op->fd);
+		break;
+	case ZK__OP_FSYNC:
+		r = op->flags ? fdatasync(op->fd) : fsync(op->fd);
+		break;
+	case ZK__OP_OPENAT:
+		r = openat(op->fd, op->path, op->flags, (mode_t)op->mode);
+		break;
+	default:
+		return -EINVAL;
+	}
+	return r < 0 ? -errno : r;
+}
+
+static int64_t ms_until(int64_t deadline)
+{
+	if (deadline == ZK__NO_DEADLINE)
+		return -1;
+	int64_t left = deadline - zk__now();
+	return left <= 0 ? 0 : (left + 999999) / 1000000;
+}
+
+/* poll() for a plain thread.  0, -ETIMEDOUT or -errno. */
+static int poll_thread(int fd, int events, int64_t deadline)
+{
+	for (;;) {
+		int64_t ms = ms_until(deadline);
+		struct pollfd p = { .fd = fd, .events = (short)events };
+		int n = poll(&p, 1, ms > INT32_MAX ? INT32_MAX : (int)ms);
+		if (n > 0)
+			return 0;
+		if (n == 0 && ms >= 0 && ms_until(deadline) == 0)
+			return -ETIMEDOUT;
+		if (n < 0 && errno != EINTR)
+			return -errno;
+	}
+}
+
+/* A plain thread: the blocking call (waiting in poll if the fd happens to
+ * be non-blocking). */
+static ssize_t op_thread(struct zk__op *op)
+{
+	for (;;) {
+		ssize_t r = op_syscall(op, 0);
+		if (r == -EINTR)
+			continue;
+		if (op->kind == ZK__OP_CONNECT && r == -EINPROGRESS) {
+			int rc = poll_thread(op->fd, POLLOUT, ZK__NO_DEADLINE);
+			if (rc)
+				return rc;
+			int err = 0;
+			socklen_t len = sizeof(err);
+			if (getsockopt(op->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+				return -errno;
+			return -err;
+		}
+		if (r != -EAGAIN && r != -EWOULDBLOCK)
+			return r;
+		int rc = poll_thread(op->fd, poll_dir(op->kind), op->deadline);
+		if (rc)
+			return rc;
+	}
+}
+
+/* Park until fd is ready for events (a POLL op).  0 or -errno. */
+static int wait_ready(int fd, int events, int64_t deadline)
+{
+	struct zk__worker *w = io_worker();
+	if (!w)
+		return poll_thread(fd, events, deadline);
+	struct zk__op op;
+	memset(&op, 0, sizeof(op));
+	op.kind = ZK__OP_POLL;
+	op.fd = fd;
+	op.flags = events;
+	op.deadline = deadline;
+	int rc = op_wait(w, &op);
+	if (rc == -EPERM) /* epoll refuses regular files: they are always ready */
+		return 0;
+	return rc < 0 ? rc : 0;
+}
+
+static void *op_on_pool(void *arg)
+{
+	return (void *)(intptr_t)op_thread(arg);
+}
+
+/* A connect that said EINPROGRESS: wait, then read its outcome. */
+static int connect_finish(int fd, int64_t deadline)
+{
+	int rc = wait_ready(fd, POLLOUT, deadline);
+	if (rc)
+		return rc;
+	int err = 0;
+	socklen_t len = sizeof(err);
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+		return -errno;
+	return -err;
+}
+
+/* Readiness path: try, wait on EAGAIN, try again. */
+static ssize_t op_readiness(struct zk__op *op)
+{
+	int is_sock = op->kind == ZK__OP_RECV || op->kind == ZK__OP_SEND ||
+		      op->kind == ZK__OP_RECVMSG || op->kind == ZK__OP_SENDMSG;
+	if (!is_sock) {
+		int rc = nb_ensure(op->fd);
+		if (rc)
+			return rc;
+	}
+	if (op->kind == ZK__OP_ACCEPT)
+		op->flags |= SOCK_NONBLOCK;
+	for (;;) {
+		ssize_t r = op_syscall(op, is_sock ? MSG_DONTWAIT : 0);
+		if (op->kind == ZK__OP_ACCEPT && r >= 0)
+			nb_remember((int)r);
+		if (op->kind == ZK__OP_CONNECT && r == -EINPROGRESS)
+			return connect_finish(op->fd, op->deadline);
+		if (r == -EINTR)
+			continue;
+		if (r != -EAGAIN && r != -EWOULDBLOCK)
+			return r;
+		int rc = wait_ready(op->fd, poll_dir(op->kind), op->deadline);
+		if (rc)
+			return rc;
+	}
+}
+
+/* Completion path: the kernel does the call.  An fd that is O_NONBLOCK
+ * makes io_uring report EAGAIN instead of waiting: wait for readiness and
+ * submit again. */
+static ssize_t op_completion(struct zk__worker *w, struct zk__op *op)
+{
+	for (;;) {
+		int r = op_wait(w, op);
+		if (op->kind == ZK__OP_CONNECT && (r == -EINPROGRESS || r == -EALREADY))
+			return connect_finish(op->fd, op->deadline);
+		if (r != -EAGAIN || op->kind == ZK__OP_POLL)
+			return r;
+		int rc = wait_ready(op->fd, poll_dir(op->kind), op->deadline);
+		if (rc)
+			return rc;
+		w = io_worker(); /* the fiber may have moved */
+		if (!w)
+			return op_thread(op);
+	}
+}
+
+/* Run one call described by op (deadline: the call's own, or
+ * ZK__NO_DEADLINE). */
+static ssize_t op_run(struct zk__op *op)
+{
+	struct zk__worker *w = io_worker();
+	if (!w)
+		return op_thread(op);
+	if (atomic_load_explicit(&w->current->cancel, memory_order_relaxed))
+		return -ECANCELED;
+	op->deadline = zk__effective_deadline(op->deadline);
+	if (w->driver.vt->completion)
+		return op_completion(w, op);
+	switch (op->kind) {
+	case ZK__OP_CLOSE:
+		return op_syscall(op, 0);
+	case ZK__OP_OPENAT:
+	case ZK__OP_FSYNC: {
+		void *res;
+		int rc = zk_blocking(op_on_pool, op, &res);
+		return rc ? rc : (ssize_t)(intptr_t)res;
+	}
+	case ZK__OP_READ:
+	case ZK__OP_WRITE:
+	case ZK__OP_READV:
+	case ZK__OP_WRITEV:
+		if (op->off >= 0) { /* positioned: a file, which epoll cannot wait for */
+			void *res;
+			int rc = zk_blocking(op_on_pool, op, &res);
+			return rc ? rc : (ssize_t)(intptr_t)res;
+		}
+		return op_readiness(op);
+	default:
+		return op_readiness(op);
+	}
+}
+
+static void op_init(struct zk__op *op, int kind, int fd)
+{
+	memset(op, 0, sizeof(*op));
+	op->kind = kind;
+	op->fd = fd;
+	op->off = -1;
+	op->deadline = ZK__NO_DEADLINE;
+}
+
+/* ---- the public calls ---------------------------------------------------- */
+
+static ssize_t rw(int kind, int fd, void *buf, size_t len, int64_t off)
+{
+	struct zk__op op;
+	op_init(&op, kind, fd);
+	op.buf = buf;
+	op.len = len;
+	op.off = off;
+	return op_run(&op);
+}
+
+ssize_t zk_read(int fd, void *buf, size_t len)
+{
+	return rw(ZK__OP_READ, fd, buf, len, -1);
+}
+
+ssize_t zk_write(int fd, const void *buf, size_t len)
+{
+	return rw(ZK__OP_WRITE, fd, (void *)buf, len, -1);
+}
+
+ssize_t zk_pread(int fd, void *buf, size_t len, off_t off)
+{
+	if (off < 0)
+		return -EINVAL;
+	return rw(ZK__OP_READ, fd, buf, len, off);
+}
+
+ssize_t zk_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+	if (off < 0)
+		return -EINVAL;
+	return rw(ZK__OP_WRITE, fd, (void *)buf, len, off);
+}
+
+static ssize_t rwv(int kind, int fd, const struct iovec *iov, int iovcnt)
+{
+	struct zk__op op;
+	op_init(&op, kind, fd);
+	op.iov = iov;
+	op.iovcnt = iovcnt;
+	return op_run(&op);
+}
+
+ssize_t zk_readv(int fd, const struct iovec *iov, int iovcnt)
+{
+	return rwv(ZK__OP_READV, fd, iov, iovcnt);
+}
+
+ssize_t zk_writev(int fd, const struct iovec *iov, int iovcnt)
+{
+	return rwv(ZK__OP_WRITEV, fd, iov, iovcnt);
+}
+
+ssize_t zk_recv(int fd, void *buf, size_t len, int flags)
+{
+	struct zk__op op;
+	op_init(&op, ZK__OP_RECV, fd);
+	op.buf = buf;
+	op.len = len;
+	op.flags = flags;
+	return op_run(&op);
+}
+
+ssize_t zk_send(int fd, const void *buf, size_t len, int flags)
+{
+	struct zk__op op;
+	op_init(&op, ZK__OP_SEND, fd);
+	op.buf = (void *)buf;
+	op.len = len;
+	op.flags = flags | MSG_NOSIGNAL;
+	return op_run(&op);
+}
+
+ssize_t zk_recvmsg(int fd, struct msghdr *msg, int flags)
+{
+	struct zk__op op;
+	op_init(&op, ZK__OP_RECVMSG, fd);
+	op.msg = msg;
+	op.flags = flags;
+	return op_run(&op);
+}
+
+ssize_t zk_sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+	struct zk__op op;
+	op_init(&op, ZK__OP_SENDMSG, fd);
+	op.msg = (struct msghdr *)msg;
+	op.flags = flags | MSG_NOSIGNAL;
+	return op_run(&op);
+}
+
+ssize_t zk_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
+		    socklen_t *addrlen)
+{
+	struct iovec iov = { buf, len };
+	struct msghdr msg;
+	memset(&msg, 0, sizeof(msg));
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	if (addr && addrlen) {
+		msg.msg_name = addr;
+		msg.msg_namelen = *addrlen;
+	}
+	ssize_t r = zk_recvmsg(fd, &msg, flags);
+	if (r >= 0 && addr && addrlen)
+		*addrlen = msg.msg_namelen;
+	return r;
+}
+
+ssize_t zk_sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr,
+		  socklen_t addrlen)
+{
+	struct iovec iov = { (void *)buf, len };
+	struct msghdr msg;
+	memset(&msg, 0, sizeof(msg));
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	msg.msg_name = (void *)addr;
+	msg.msg_namelen = addr ? addrlen : 0;
+	return zk_sendmsg(fd, &msg, flags);
+}
+
+int zk_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+	if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC))
+		return -EINVAL;
+	struct zk__op op;
+	op_init(&op, ZK__OP_ACCEPT, fd);
+	op.addr = addr;
+	op.addrlenp = addrlen;
+	op.flags = flags;
+	return (int)op_run(&op);
+}
+
+int zk_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
+{
+	struct zk__op op;
+	op_init(&op, ZK__OP_CONNECT, fd);
+	op.addr = (struct sockaddr *)addr;
+	op.addrlen = addrlen;
+	return (int)op_run(&op);
+}
+
+int zk_shutdown(int fd, int how)
+{
+	return shutdown(fd, how) < 0 ? -errno : 0;
+}
+
+int zk_close(int fd)
+{
+	if (fd < 0)
+		return -EBADF;
+	/* Forget before the number can be handed out again. */
+	nb_forget(fd);
+	struct zk__op op;
+	op_init(&op, ZK__OP_CLOSE, fd);
+	struct zk__worker *w = io_worker();
+	if (w && w->driver.vt->completion)
+		return op_wait(w, &op); /* not cancellable: the fd must end up closed */
+	int r = close(fd);
+	return r < 0 && errno != EINTR ? -errno : 0;
+}
+
+int zk_socket(int domain, int type, int protocol)
+{
+	struct zk__worker *w = io_worker();
+	int nb = w && !w->driver.vt->completion ? SOCK_NONBLOCK : 0;
+	int fd = socket(domain, type | SOCK_CLOEXEC | nb, protocol);
+	if (fd < 0)
+		return -errno;
+	if (nb || (type & SOCK_NONBLOCK))
+		nb_remember(fd);
+	return fd;
+}
+
+static int sync_op(int kind, int fd, int flags)
+{
+	struct zk__op op;
+	op_init(&op, kind, fd);
+	op.flags = flags;
+	return (int)op_run(&op);
+}
+
+int zk_fsync(int fd)
+{
+	return sync_op(ZK__OP_FSYNC, fd, 0);
+}
+
+int zk_fdatasync(int fd)
+{
+	return sync_op(ZK__OP_FSYNC, fd, 1);
+}
+
+int zk_openat(int dirfd, const char *path, int flags, mode_t mode)
+{
+	if (!path)
+		return -EFAULT;
+	struct zk__op op;
+	op_init(&op, ZK__OP_OPENAT, dirfd);
+	op.path = path;
+	op.flags = flags | O_CLOEXEC;
+	op.mode = mode;
+	return (int)op_run(&op);
+}
+
+int zk_open(const char *path, int flags, mode_t mode)
+{
+	return zk_openat(AT_FDCWD, path, flags, mode);
+}
+
+static int wait_fd(int fd, int events, int64_t deadline_ns)
+{
+	if (fd < 0)
+		return -EBADF;
+	struct zk__worker *w = io_worker();
+	if (w && atomic_load_explicit(&w->current->cancel, memory_order_relaxed))
+		return -ECANCELED;
+	int64_t d = zk__effective_deadline(deadline_ns);
+	if (d != ZK__NO_DEADLINE && d <= zk__now()) {
+		struct pollfd p = { .fd = fd, .events = (short)events };
+		return poll(&p, 1, 0) == 1 ? 0 : -ETIMEDOUT;
+	}
+	return wait_ready(fd, events, d);
+}
+
+int zk_wait_readable(int fd, int64_t deadline_ns)
+{
+	return wait_fd(fd, POLLIN, deadline_ns);
+}
+
+int zk_wait_writable(int fd, int64_t deadline_ns)
+{
+	return wait_fd(fd, POLLOUT, deadline_ns);
+}

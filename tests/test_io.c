@@ -1,0 +1,891 @@
+/*
+ * test_io.c - the I/O layer: drivers, blocking-style calls, deadlines,
+ * cancellation, the blocking pool and the net helpers.
+ *
+ * Every I/O test is a loop test run once per backend (_i = 0: io_uring,
+ * 1: epoll); where io_uring cannot be set up its rounds are skipped with a
+ * message.  Real sockets on 127.0.0.1 / ::1 only; every wait is bounded.
+ */
+#include "config.h"
+#include "zokio.h"
+
+#include <check.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static const int backends[] = { ZK_BACKEND_IO_URING, ZK_BACKEND_EPOLL };
+static const char *backend_names[] = { "io_uring", "epoll" };
+
+/* Run fn(arg) as the first fiber of a runtime with the given backend and
+ * workers; returns fn's result.  Skips (returns 0 with *skipped) when the
+ * backend cannot be had. */
+static int skipped;
+
+static void *run_on(int bi, int workers, zk_fiber_fn fn, void *arg)
+{
+	zk_runtime_opts_t o;
+	zk_runtime_opts_init(&o);
+	o.workers = workers;
+	o.backend = backends[bi];
+	zk_runtime_t *rt;
+	int rc = zk_runtime_create(&rt, &o);
+	if (rc == -ENOSYS) {
+		fprintf(stderr, "test_io: %s unavailable here: skipped\n", backend_names[bi]);
+		skipped = 1;
+		return NULL;
+	}
+	ck_assert_int_eq(rc, 0);
+	ck_assert_str_eq(zk_runtime_backend(rt), backend_names[bi]);
+	zk_fiber_t *f;
+	ck_assert_int_eq(zk_spawn_ex(rt, &f, fn, arg, NULL), 0);
+	ck_assert_int_eq(zk_runtime_run(rt), 0);
+	void *res;
+	ck_assert_int_eq(zk_join(f, &res), 0);
+	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+	return res;
+}
+
+/* A listening socket on 127.0.0.1, any port; *port gets the port. */
+static int listen_any(int *port)
+{
+	int fd = zk_tcp_listen("127.0.0.1", 0, 128, 0);
+	ck_assert_int_ge(fd, 0);
+	struct sockaddr_in sa;
+	socklen_t len = sizeof(sa);
+	ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
+	*port = ntohs(sa.sin_port);
+	return fd;
+}
+
+static ssize_t send_all(int fd, const char *p, size_t n)
+{
+	size_t done = 0;
+	while (done < n) {
+		ssize_t r = zk_send(fd, p + done, n - done, 0);
+		if (r < 0)
+			return r;
+		done += (size_t)r;
+	}
+	return (ssize_t)done;
+}
+
+static unsigned char pattern(size_t i)
+{
+	return (unsigned char)((i * 2654435761u) >> 13);
+}
+
+/* ---- addresses ------------------------------------------------------------ */
+
+START_TEST(test_addr_parse_and_format_round_trip)
+{
+	zk_addr_t a;
+	char buf[ZK_ADDR_STRLEN];
+	ck_assert_int_eq(zk_addr_parse(&a, "127.0.0.1:8080"), 0);
+	ck_assert_int_eq(a.u.sa.sa_family, AF_INET);
+	ck_assert_int_eq(ntohs(a.u.in.sin_port), 8080);
+	ck_assert_int_gt(zk_addr_format(&a, buf, sizeof(buf)), 0);
+	ck_assert_str_eq(buf, "127.0.0.1:8080");
+	ck_assert_int_eq(zk_addr_parse(&a, "[::1]:80"), 0);
+	ck_assert_int_eq(a.u.sa.sa_family, AF_INET6);
+	ck_assert_int_gt(zk_addr_format(&a, buf, sizeof(buf)), 0);
+	ck_assert_str_eq(buf, "[::1]:80");
+	ck_assert_int_eq(zk_addr_parse(&a, "unix:/tmp/x.sock"), 0);
+	ck_assert_int_gt(zk_addr_format(&a, buf, sizeof(buf)), 0);
+	ck_assert_str_eq(buf, "unix:/tmp/x.sock");
+	ck_assert_int_eq(zk_addr_format(&a, buf, 4), -ENOSPC);
+	static const char *bad[] = { "", "127.0.0.1", "127.0.0.1:", "127.0.0.1:65536", "1.2.3:80",
+				     "::1:80", "[::1]80", "[::1]:x", "host:80", "[1.2.3.4]:80",
+				     "127.0.0.1:80x", "unix:" };
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		ck_assert_msg(zk_addr_parse(&a, bad[i]) == -EINVAL, "accepted '%s'", bad[i]);
+}
+END_TEST
+
+/* ---- large transfer, partial reads and writes ----------------------------- */
+
+#define BIG (8u << 20)
+
+struct xfer {
+	int lfd;
+	int port;
+	size_t got;
+	int ok;
+};
+
+static void *xfer_server(void *arg)
+{
+	struct xfer *x = arg;
+	int c = zk_accept(x->lfd, NULL, NULL, SOCK_CLOEXEC);
+	ck_assert_int_ge(c, 0);
+	/* Odd-sized reads through every read flavour. */
+	char *buf = malloc(7919);
+	size_t i = 0;
+	x->ok = 1;
+	for (int turn = 0;; turn++) {
+		ssize_t r;
+		size_t want = 1 + (size_t)(turn * 7) % 7919;
+		if (turn % 3 == 0) {
+			r = zk_read(c, buf, want);
+		} else if (turn % 3 == 1) {
+			r = zk_recv(c, buf, want, 0);
+		} else {
+			struct iovec iov[2] = { { buf, want / 2 }, { buf + want / 2, want - want / 2 } };
+			r = zk_readv(c, iov, 2);
+		}
+		ck_assert_int_ge(r, 0);
+		if (r == 0)
+			break;
+		for (ssize_t k = 0; k < r; k++, i++)
+			if ((unsigned char)buf[k] != pattern(i))
+				x->ok = 0;
+	}
+	x->got = i;
+	free(buf);
+	zk_close(c);
+	return NULL;
+}
+
+static void *xfer_main(void *arg)
+{
+	struct xfer *x = arg;
+	x->lfd = listen_any(&x->port);
+	zk_fiber_t *srv;
+	ck_assert_int_eq(zk_spawn(&srv, xfer_server, x), 0);
+	int fd = zk_tcp_connect("127.0.0.1", x->port);
+	ck_assert_int_ge(fd, 0);
+	int small = 4096; /* small buffers force partial writes */
+	setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+	char *data = malloc(BIG);
+	for (size_t i = 0; i < BIG; i++)
+		data[i] = (char)pattern(i);
+	size_t off = 0;
+	for (int turn = 0; off < BIG; turn++) {
+		size_t n = 1 + (size_t)turn * 4099 % 65536;
+		if (n > BIG - off)
+			n = BIG - off;
+		ssize_t r;
+		if (turn % 2)
+			r = zk_write(fd, data + off, n);
+		else
+			r = zk_send(fd, data + off, n, 0);
+		ck_assert_int_gt(r, 0);
+		off += (size_t)r;
+	}
+	ck_assert_int_eq(zk_shutdown(fd, SHUT_WR), 0);
+	ck_assert_int_eq(zk_join(srv, NULL), 0);
+	zk_close(fd);
+	zk_close(x->lfd);
+	free(data);
+	return NULL;
+}
+
+START_TEST(test_large_transfer_is_byte_exact)
+{
+	for (int workers = 1; workers <= 2; workers++) {
+		struct xfer x = { 0 };
+		run_on(_i, workers, xfer_main, &x);
+		if (skipped)
+			return;
+		ck_assert_uint_eq(x.got, BIG);
+		ck_assert_int_eq(x.ok, 1);
+	}
+}
+END_TEST
+
+/* ---- peer reset, peer gone, half close, refused ----------------------------- */
+
+static void *reset_main(void *arg)
+{
+	int port, lfd = listen_any(&port);
+	int c = zk_tcp_connect("127.0.0.1", port);
+	ck_assert_int_ge(c, 0);
+	int s = zk_accept(lfd, NULL, NULL, 0);
+	ck_assert_int_ge(s, 0);
+	struct linger lg = { 1, 0 }; /* close sends RST */
+	setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	zk_close(c);
+	char buf[64];
+	ssize_t r = zk_recv(s, buf, sizeof(buf), 0);
+	ck_assert_int_eq(r, -ECONNRESET);
+	zk_close(s);
+	zk_close(lfd);
+	return NULL;
+}
+
+START_TEST(test_peer_reset_mid_read_gives_econnreset)
+{
+	run_on(_i, 1, reset_main, NULL);
+}
+END_TEST
+
+static void *vanish_main(void *arg)
+{
+	int port, lfd = listen_any(&port);
+	int c = zk_tcp_connect("127.0.0.1", port);
+	ck_assert_int_ge(c, 0);
+	int s = zk_accept(lfd, NULL, NULL, 0);
+	zk_close(s);
+	static char chunk[65536];
+	ssize_t r = 0;
+	for (int i = 0; i < 1000 && r >= 0; i++)
+		r = zk_send(c, chunk, sizeof(chunk), 0);
+	ck_assert_msg(r == -EPIPE || r == -ECONNRESET, "send gave %zd", r);
+	zk_close(c);
+	zk_close(lfd);
+	return NULL;
+}
+
+START_TEST(test_peer_vanishing_mid_write_gives_epipe_not_sigpipe)
+{
+	signal(SIGPIPE, SIG_DFL); /* a SIGPIPE would kill this test */
+	run_on(_i, 1, vanish_main, NULL);
+}
+END_TEST
+
+static void *half_server(void *arg)
+{
+	int s = zk_accept(*(int *)arg, NULL, NULL, 0);
+	ck_assert_int_ge(s, 0);
+	char buf[256];
+	size_t total = 0;
+	ssize_t r;
+	while ((r = zk_recv(s, buf, sizeof(buf), 0)) > 0)
+		total += (size_t)r;
+	ck_assert_int_eq(r, 0);
+	char reply[32];
+	int n = snprintf(reply, sizeof(reply), "got %zu", total);
+	ck_assert_int_eq(send_all(s, reply, (size_t)n), n);
+	zk_close(s);
+	return NULL;
+}
+
+static void *half_main(void *arg)
+{
+	int port, lfd = listen_any(&port);
+	zk_fiber_t *srv;
+	zk_spawn(&srv, half_server, &lfd);
+	int c = zk_tcp_connect("127.0.0.1", port);
+	ck_assert_int_ge(c, 0);
+	ck_assert_int_eq(send_all(c, "hello world", 11), 11);
+	ck_assert_int_eq(zk_shutdown(c, SHUT_WR), 0);
+	char buf[64] = { 0 };
+	size_t got = 0;
+	ssize_t r;
+	while ((r = zk_read(c, buf + got, sizeof(buf) - 1 - got)) > 0)
+		got += (size_t)r;
+	ck_assert_int_eq(r, 0);
+	ck_assert_str_eq(buf, "got 11");
+	zk_join(srv, NULL);
+	zk_close(c);
+	zk_close(lfd);
+	return NULL;
+}
+
+START_TEST(test_half_close_still_delivers_the_reply)
+{
+	run_on(_i, 2, half_main, NULL);
+}
+END_TEST
+
+static void *refused_main(void *arg)
+{
+	int port, lfd = listen_any(&port);
+	zk_close(lfd);
+	ck_assert_int_eq(zk_tcp_connect("127.0.0.1", port), -ECONNREFUSED);
+	return NULL;
+}
+
+START_TEST(test_connect_refused_gives_econnrefused)
+{
+	run_on(_i, 1, refused_main, NULL);
+}
+END_TEST
+
+/* ---- accept under EMFILE --------------------------------------------------- */
+
+static void *emfile_main(void *arg)
+{
+	int port, lfd = listen_any(&port);
+	int c = zk_tcp_connect("127.0.0.1", port);
+	ck_assert_int_ge(c, 0);
+	struct rlimit rl;
+	getrlimit(RLIMIT_NOFILE, &rl);
+	rlim_t old = rl.rlim_cur;
+	rl.rlim_cur = 64;
+	ck_assert_int_eq(setrlimit(RLIMIT_NOFILE, &rl), 0);
+	int fill[64], nfill = 0;
+	int d;
+	while (nfill < 64 && (d = dup(0)) >= 0)
+		fill[nfill++] = d;
+	ck_assert_int_eq(errno, EMFILE);
+	int r = zk_accept(lfd, NULL, NULL, 0);
+	ck_assert_int_eq(r, -EMFILE);
+	for (int i = 0; i < nfill; i++)
+		close(fill[i]);
+	r = zk_accept(lfd, NULL, NULL, 0);
+	ck_assert_int_ge(r, 0);
+	ck_assert_int_eq(send_all(c, "x", 1), 1);
+	char ch;
+	ck_assert_int_eq(zk_recv(r, &ch, 1, 0), 1);
+	rl.rlim_cur = old;
+	setrlimit(RLIMIT_NOFILE, &rl);
+	zk_close(r);
+	zk_close(c);
+	zk_close(lfd);
+	return NULL;
+}
+
+START_TEST(test_accept_under_emfile_recovers)
+{
+	run_on(_i, 1, emfile_main, NULL);
+}
+END_TEST
+
+/* ---- 10,000 connections ------------------------------------------------------ */
+
+#ifdef ZK_TSAN
+#define MANY 1000 /* ThreadSanitizer is too slow for 10,000 in the time limit */
+#else
+#define MANY 10000
+#endif
+
+/* The server runtime holds 10,000 connections at once; the clients live in
+ * a forked process (its own runtime), so each side needs ~10,000 fds. */
+struct many {
+	int lfd, port;
+	_Atomic int served, connected;
+};
+
+static void *many_conn(void *arg)
+{
+	int s = (int)(intptr_t)arg;
+	char buf[16];
+	ssize_t r = zk_recv(s, buf, sizeof(buf), 0);
+	if (r > 0)
+		send_all(s, buf, (size_t)r);
+	zk_close(s);
+	return NULL;
+}
+
+static void *many_server(void *arg)
+{
+	struct many *m = arg;
+	for (int i = 0; i < MANY; i++) {
+		int s = zk_accept(m->lfd, NULL, NULL, 0);
+		ck_assert_int_ge(s, 0);
+		ck_assert_int_eq(zk_spawn(NULL, many_conn, (void *)(intptr_t)s), 0);
+	}
+	return NULL;
+}
+
+static void *many_client(void *arg)
+{
+	struct many *m = arg;
+	int fd = zk_tcp_connect("127.0.0.1", m->port);
+	if (fd < 0)
+		return NULL;
+	/* everyone connects first, then talks: all 10,000 open at once */
+	atomic_fetch_add(&m->connected, 1);
+	for (int i = 0; i < 3000 && atomic_load(&m->connected) < MANY; i++)
+		zk_sleep_ns(10 * 1000000);
+	if (send_all(fd, "ping", 4) == 4) {
+		char buf[8];
+		if (zk_recv(fd, buf, sizeof(buf), MSG_WAITALL) == 4)
+			atomic_fetch_add(&m->served, 1);
+	}
+	zk_close(fd);
+	return NULL;
+}
+
+static void *many_clients(void *arg)
+{
+	for (int i = 0; i < MANY; i++)
+		if (zk_spawn(NULL, many_client, arg) != 0)
+			return NULL;
+	return NULL;
+}
+
+START_TEST(test_ten_thousand_concurrent_connections)
+{
+	struct rlimit rl;
+	getrlimit(RLIMIT_NOFILE, &rl);
+	rlim_t need = MANY + 256;
+	if (rl.rlim_cur < need) {
+		rl.rlim_cur = need;
+		if (rl.rlim_max < need)
+			rl.rlim_max = need;
+		if (setrlimit(RLIMIT_NOFILE, &rl) != 0) {
+			fprintf(stderr, "test_io: RLIMIT_NOFILE cannot reach %lu: "
+					"10,000-connection test skipped\n", (unsigned long)need);
+			return;
+		}
+	}
+	static struct many m;
+	memset(&m, 0, sizeof(m));
+	m.lfd = zk_tcp_listen("127.0.0.1", 0, 4096, 0);
+	ck_assert_int_ge(m.lfd, 0);
+	struct sockaddr_in sa;
+	socklen_t len = sizeof(sa);
+	getsockname(m.lfd, (struct sockaddr *)&sa, &len);
+	m.port = ntohs(sa.sin_port);
+	pid_t pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		close(m.lfd);
+		run_on(_i, 1, many_clients, &m);
+		_exit(skipped ? 0 : atomic_load(&m.served) == MANY ? 0 : 1);
+	}
+	run_on(_i, 2, many_server, &m);
+	int status;
+	ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "client side: status %d", status);
+	zk_close(m.lfd);
+}
+END_TEST
+
+/* ---- deadlines and cancellation on every kind of parked operation ------------ */
+
+enum { K_RECV, K_READ, K_ACCEPT, K_SEND, K_WAIT_READABLE, K_RECVFROM, K_KINDS };
+
+struct parked {
+	int kind;
+	int fd;
+	int result;
+	int64_t took;
+};
+
+static void *park_one(void *arg)
+{
+	struct parked *p = arg;
+	char buf[64];
+	int64_t t0 = zk_now_ns();
+	switch (p->kind) {
+	case K_RECV:
+		p->result = (int)zk_recv(p->fd, buf, sizeof(buf), 0);
+		break;
+	case K_READ:
+		p->result = (int)zk_read(p->fd, buf, sizeof(buf));
+		break;
+	case K_ACCEPT:
+		p->result = zk_accept(p->fd, NULL, NULL, 0);
+		break;
+	case K_SEND: {
+		static char chunk[65536];
+		ssize_t r;
+		do
+			r = zk_send(p->fd, chunk, sizeof(chunk), 0);
+		while (r > 0);
+		p->result = (int)r;
+		break;
+	}
+	case K_WAIT_READABLE:
+		p->result = zk_wait_readable(p->fd, -1);
+		break;
+	case K_RECVFROM: {
+		struct sockaddr_storage ss;
+		socklen_t len = sizeof(ss);
+		p->result = (int)zk_recvfrom(p->fd, buf, sizeof(buf), 0, (struct sockaddr *)&ss, &len);
+		break;
+	}
+	}
+	p->took = zk_now_ns() - t0;
+	return NULL;
+}
+
+/* An fd on which kind k parks: *keep gets what must stay open meanwhile. */
+static int parking_fd(int k, int *keep1, int *keep2)
+{
+	*keep1 = *keep2 = -1;
+	if (k == K_RECVFROM) {
+		int u = zk_udp_bind("127.0.0.1", 0, 0);
+		ck_assert_int_ge(u, 0);
+		return u;
+	}
+	int port, lfd = listen_any(&port);
+	if (k == K_ACCEPT)
+		return lfd;
+	int c = zk_tcp_connect("127.0.0.1", port);
+	ck_assert_int_ge(c, 0);
+	int s = zk_accept(lfd, NULL, NULL, 0);
+	ck_assert_int_ge(s, 0);
+	*keep1 = lfd;
+	*keep2 = s;
+	if (k == K_SEND) {
+		int small = 4096;
+		setsockopt(c, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+	}
+	return c;
+}
+
+static void *deadline_main(void *arg)
+{
+	for (int k = 0; k < K_KINDS; k++) {
+		int keep1, keep2, fd = parking_fd(k, &keep1, &keep2);
+		struct parked p = { k, fd, 0, 0 };
+		zk_deadline_set(zk_now_ns() + 30 * 1000000);
+		park_one(&p);
+		zk_deadline_clear();
+		ck_assert_msg(p.result == -ETIMEDOUT, "kind %d gave %d", k, p.result);
+		ck_assert_msg(p.took >= 25 * 1000000 && p.took < 2000 * 1000000LL, "kind %d took %lld ns",
+			      k, (long long)p.took);
+		zk_close(fd);
+		if (keep1 >= 0)
+			zk_close(keep1);
+		if (keep2 >= 0)
+			zk_close(keep2);
+	}
+	/* a call's own deadline */
+	int u = zk_udp_bind("127.0.0.1", 0, 0);
+	int64_t t0 = zk_now_ns();
+	ck_assert_int_eq(zk_wait_readable(u, t0 + 20 * 1000000), -ETIMEDOUT);
+	ck_assert_int_ge(zk_now_ns() - t0, 15 * 1000000);
+	zk_close(u);
+	return NULL;
+}
+
+START_TEST(test_deadline_ends_every_kind_of_parked_operation)
+{
+	run_on(_i, 2, deadline_main, NULL);
+}
+END_TEST
+
+static void *cancel_main(void *arg)
+{
+	for (int k = 0; k < K_KINDS; k++) {
+		int keep1, keep2, fd = parking_fd(k, &keep1, &keep2);
+		struct parked p = { k, fd, 0, 0 };
+		zk_fiber_t *f;
+		ck_assert_int_eq(zk_spawn(&f, park_one, &p), 0);
+		zk_sleep_ns(20 * 1000000); /* let it park */
+		int64_t t0 = zk_now_ns();
+		ck_assert_int_eq(zk_cancel(f), 0);
+		ck_assert_int_eq(zk_join(f, NULL), 0);
+		ck_assert_msg(p.result == -ECANCELED, "kind %d gave %d", k, p.result);
+		ck_assert_msg(zk_now_ns() - t0 < 1000 * 1000000LL, "kind %d: cancel slow", k);
+		zk_close(fd);
+		if (keep1 >= 0)
+			zk_close(keep1);
+		if (keep2 >= 0)
+			zk_close(keep2);
+	}
+	return NULL;
+}
+
+START_TEST(test_cancel_ends_every_kind_of_parked_operation)
+{
+	run_on(_i, 2, cancel_main, NULL);
+}
+END_TEST
+
+static void *cancelled_later_main(void *arg)
+{
+	zk_cancel(zk_self());
+	char b;
+	int u = zk_udp_bind("127.0.0.1", 0, 0);
+	ck_assert_int_eq(zk_recv(u, &b, 1, 0), -ECANCELED);
+	ck_assert_int_eq(zk_wait_readable(u, -1), -ECANCELED);
+	close(u);
+	return NULL;
+}
+
+START_TEST(test_cancelled_fiber_gets_ecanceled_from_later_calls)
+{
+	run_on(_i, 1, cancelled_later_main, NULL);
+}
+END_TEST
+
+/* ---- UDP, Unix sockets, files, blocking pool ----------------------------- */
+
+static void *udp_main(void *arg)
+{
+	int srv = zk_udp_bind("127.0.0.1", 0, 0);
+	ck_assert_int_ge(srv, 0);
+	struct sockaddr_in sa;
+	socklen_t len = sizeof(sa);
+	getsockname(srv, (struct sockaddr *)&sa, &len);
+	int cli = zk_udp_connect("127.0.0.1", ntohs(sa.sin_port));
+	ck_assert_int_ge(cli, 0);
+	ck_assert_int_eq(zk_send(cli, "dgram", 5, 0), 5);
+	char buf[16];
+	struct sockaddr_storage from;
+	socklen_t flen = sizeof(from);
+	ssize_t r = zk_recvfrom(srv, buf, sizeof(buf), 0, (struct sockaddr *)&from, &flen);
+	ck_assert_int_eq(r, 5);
+	ck_assert_int_eq(zk_sendto(srv, buf, 5, 0, (struct sockaddr *)&from, flen), 5);
+	ck_assert_int_eq(zk_recv(cli, buf, sizeof(buf), 0), 5);
+	ck_assert_int_eq(memcmp(buf, "dgram", 5), 0);
+	zk_close(cli);
+	zk_close(srv);
+	return NULL;
+}
+
+START_TEST(test_udp_round_trip)
+{
+	run_on(_i, 1, udp_main, NULL);
+}
+END_TEST
+
+static void *unix_main(void *arg)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/tmp/zk-test-io-%d.sock", getpid());
+	int l = zk_unix_listen(path, 16);
+	ck_assert_int_ge(l, 0);
+	int c = zk_unix_connect(path);
+	ck_assert_int_ge(c, 0);
+	int s = zk_accept(l, NULL, NULL, 0);
+	ck_assert_int_ge(s, 0);
+	ck_assert_int_eq(zk_write(c, "abc", 3), 3);
+	char buf[4];
+	ck_assert_int_eq(zk_read(s, buf, 3), 3);
+	ck_assert_int_eq(memcmp(buf, "abc", 3), 0);
+	zk_close(s);
+	zk_close(c);
+	zk_close(l);
+	unlink(path);
+	return NULL;
+}
+
+START_TEST(test_unix_socket_round_trip)
+{
+	run_on(_i, 1, unix_main, NULL);
+}
+END_TEST
+
+static void *v6_main(void *arg)
+{
+	int l = zk_tcp_listen("::1", 0, 16, ZK_NET_V6ONLY);
+	if (l == -EADDRNOTAVAIL || l == -EAFNOSUPPORT) {
+		fprintf(stderr, "test_io: no ::1 here: IPv6 test skipped\n");
+		return NULL;
+	}
+	ck_assert_int_ge(l, 0);
+	zk_addr_t a;
+	a.len = sizeof(a.u);
+	getsockname(l, &a.u.sa, &a.len);
+	char text[ZK_ADDR_STRLEN];
+	ck_assert_int_gt(zk_addr_format(&a, text, sizeof(text)), 0);
+	zk_addr_t b;
+	ck_assert_int_eq(zk_addr_parse(&b, text), 0);
+	int c = zk_connect_addr(&b, SOCK_STREAM);
+	ck_assert_int_ge(c, 0);
+	int s = zk_accept(l, NULL, NULL, 0);
+	ck_assert_int_ge(s, 0);
+	zk_close(s);
+	zk_close(c);
+	zk_close(l);
+	return NULL;
+}
+
+START_TEST(test_ipv6_listen_and_connect)
+{
+	run_on(_i, 1, v6_main, NULL);
+}
+END_TEST
+
+static void *file_main(void *arg)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/tmp/zk-test-io-%d.dat", getpid());
+	int fd = zk_open(path, O_CREAT | O_TRUNC | O_RDWR, 0600);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(zk_pwrite(fd, "0123456789", 10, 0), 10);
+	ck_assert_int_eq(zk_pwrite(fd, "AB", 2, 4), 2);
+	ck_assert_int_eq(zk_fsync(fd), 0);
+	char buf[16] = { 0 };
+	ck_assert_int_eq(zk_pread(fd, buf, 10, 0), 10);
+	ck_assert_str_eq(buf, "0123AB6789");
+	ck_assert_int_eq(zk_close(fd), 0);
+	ck_assert_int_eq(zk_open("/nonexistent/zk", O_RDONLY, 0), -ENOENT);
+	unlink(path);
+	return NULL;
+}
+
+START_TEST(test_files_open_pread_pwrite_fsync)
+{
+	run_on(_i, 1, file_main, NULL);
+}
+END_TEST
+
+static void *slow_square(void *arg)
+{
+	usleep(20000);
+	intptr_t v = (intptr_t)arg;
+	return (void *)(v * v);
+}
+
+static void *pool_one(void *arg)
+{
+	void *res;
+	ck_assert_int_eq(zk_blocking(slow_square, arg, &res), 0);
+	ck_assert_int_eq((intptr_t)res, (intptr_t)arg * (intptr_t)arg);
+	return NULL;
+}
+
+static void *pool_main(void *arg)
+{
+	zk_fiber_t *f[32];
+	int64_t t0 = zk_now_ns();
+	for (int i = 0; i < 32; i++)
+		zk_spawn(&f[i], pool_one, (void *)(intptr_t)i);
+	for (int i = 0; i < 32; i++)
+		zk_join(f[i], NULL);
+	/* 32 x 20 ms in parallel, not in series */
+	ck_assert_int_lt(zk_now_ns() - t0, 400 * 1000000LL);
+	return NULL;
+}
+
+START_TEST(test_blocking_pool_runs_in_parallel_and_returns_results)
+{
+	run_on(_i, 1, pool_main, NULL);
+}
+END_TEST
+
+static void *idle_main(void *arg)
+{
+	struct rusage a, b;
+	getrusage(RUSAGE_SELF, &a);
+	int u = zk_udp_bind("127.0.0.1", 0, 0);
+	ck_assert_int_eq(zk_wait_readable(u, zk_now_ns() + 300 * 1000000LL), -ETIMEDOUT);
+	zk_close(u);
+	getrusage(RUSAGE_SELF, &b);
+	long us = (b.ru_utime.tv_sec - a.ru_utime.tv_sec) * 1000000L + (b.ru_utime.tv_usec - a.ru_utime.tv_usec) +
+		  (b.ru_stime.tv_sec - a.ru_stime.tv_sec) * 1000000L + (b.ru_stime.tv_usec - a.ru_stime.tv_usec);
+	ck_assert_msg(us < 60000, "idle runtime used %ld us of CPU in 300 ms", us);
+	return NULL;
+}
+
+START_TEST(test_idle_runtime_does_not_spin)
+{
+	run_on(_i, 2, idle_main, NULL);
+}
+END_TEST
+
+static void *plain_thread_io(void *arg)
+{
+	int sv[2];
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	ck_assert_int_eq(zk_send(sv[0], "hi", 2, 0), 2);
+	char b[2];
+	ck_assert_int_eq(zk_recv(sv[1], b, 2, 0), 2);
+	ck_assert_int_eq(zk_wait_readable(sv[1], zk_now_ns() + 10000000), -ETIMEDOUT);
+	zk_close(sv[0]);
+	zk_close(sv[1]);
+	return NULL;
+}
+
+START_TEST(test_calls_outside_a_fiber_just_block)
+{
+	plain_thread_io(NULL);
+}
+END_TEST
+
+/* ---- the epoll fallback when io_uring_setup is refused --------------------- */
+
+static void *fallback_echo(void *arg)
+{
+	int sv[2];
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	ck_assert_int_eq(zk_write(sv[0], "ok", 2), 2);
+	char b[2];
+	ck_assert_int_eq(zk_read(sv[1], b, 2), 2);
+	zk_close(sv[0]);
+	zk_close(sv[1]);
+	return (void *)1;
+}
+
+START_TEST(test_auto_falls_back_to_epoll_when_io_uring_setup_is_refused)
+{
+	pid_t pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		unsetenv("ZOKIO_BACKEND");
+		struct sock_filter filter[] = {
+			BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+			BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		};
+		struct sock_fprog prog = { sizeof(filter) / sizeof(filter[0]), filter };
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+		    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0)
+			_exit(3);
+		zk_runtime_opts_t o;
+		zk_runtime_opts_init(&o);
+		o.workers = 1;
+		zk_runtime_t *rt;
+		if (zk_runtime_create(&rt, &o) != 0)
+			_exit(4);
+		if (strcmp(zk_runtime_backend(rt), "epoll") != 0)
+			_exit(5);
+		zk_fiber_t *f;
+		void *res = NULL;
+		zk_spawn_ex(rt, &f, fallback_echo, NULL, NULL);
+		zk_runtime_run(rt);
+		zk_join(f, &res);
+		zk_runtime_destroy(rt);
+		/* asking for io_uring explicitly fails cleanly */
+		o.backend = ZK_BACKEND_IO_URING;
+		if (zk_runtime_create(&rt, &o) != -ENOSYS)
+			_exit(6);
+		_exit(res == (void *)1 ? 0 : 7);
+	}
+	int status;
+	ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+}
+END_TEST
+
+static Suite *io_suite(void)
+{
+	Suite *s = suite_create("io");
+	TCase *tc = tcase_create("core");
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, test_addr_parse_and_format_round_trip);
+	tcase_add_test(tc, test_calls_outside_a_fiber_just_block);
+	tcase_add_test(tc, test_auto_falls_back_to_epoll_when_io_uring_setup_is_refused);
+	tcase_add_loop_test(tc, test_large_transfer_is_byte_exact, 0, 2);
+	tcase_add_loop_test(tc, test_peer_reset_mid_read_gives_econnreset, 0, 2);
+	tcase_add_loop_test(tc, test_peer_vanishing_mid_write_gives_epipe_not_sigpipe, 0, 2);
+	tcase_add_loop_test(tc, test_half_close_still_delivers_the_reply, 0, 2);
+	tcase_add_loop_test(tc, test_connect_refused_gives_econnrefused, 0, 2);
+	tcase_add_loop_test(tc, test_accept_under_emfile_recovers, 0, 2);
+	tcase_add_loop_test(tc, test_deadline_ends_every_kind_of_parked_operation, 0, 2);
+	tcase_add_loop_test(tc, test_cancel_ends_every_kind_of_parked_operation, 0, 2);
+	tcase_add_loop_test(tc, test_cancelled_fiber_gets_ecanceled_from_later_calls, 0, 2);
+	tcase_add_loop_test(tc, test_udp_round_trip, 0, 2);
+	tcase_add_loop_test(tc, test_unix_socket_round_trip, 0, 2);
+	tcase_add_loop_test(tc, test_ipv6_listen_and_connect, 0, 2);
+	tcase_add_loop_test(tc, test_files_open_pread_pwrite_fsync, 0, 2);
+	tcase_add_loop_test(tc, test_blocking_pool_runs_in_parallel_and_returns_results, 0, 2);
+	tcase_add_loop_test(tc, test_idle_runtime_does_not_spin, 0, 2);
+	tcase_add_loop_test(tc, test_ten_thousand_concurrent_connections, 0, 2);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	SRunner *sr = srunner_create(io_suite());
+	srunner_run_all(sr, CK_NORMAL);
+	int failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,1096 @@
+/*
+ * test_sync.c - sync primitives, channels and select, on two workers:
+ * exactly-once MPMC delivery, mutual exclusion, close semantics, select
+ * fairness, timeouts and cancellation on every kind of wait, and fibers
+ * sharing objects with plain threads.
+ */
+#include <check.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "zokio.h"
+
+#define MS 1000000ll
+
+static void run_on(int workers, zk_fiber_fn fn, void *arg)
+{
+	zk_runtime_opts_t o;
+	zk_runtime_opts_init(&o);
+	o.workers = workers;
+	zk_runtime_t *rt;
+	ck_assert_int_eq(zk_runtime_create(&rt, &o), 0);
+	ck_assert_int_eq(zk_spawn_ex(rt, NULL, fn, arg, NULL), 0);
+	ck_assert_int_eq(zk_runtime_run(rt), 0);
+	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+}
+
+static intptr_t join_rc(zk_fiber_t *f)
+{
+	void *r;
+	ck_assert_int_eq(zk_join(f, &r), 0);
+	return (intptr_t)r;
+}
+
+/* ---- MPMC: 1,000,000 messages, 4 producers, 4 consumers ------------------- */
+
+enum { PRODUCERS = 4, CONSUMERS = 4, PER_PRODUCER = 250000 };
+
+struct mpmc {
+	zk_chan_t *ch;
+	uint8_t *seen;        /* PRODUCERS * PER_PRODUCER counters */
+	long received[CONSUMERS];
+	long order_errors;
+};
+
+static struct mpmc mp;
+
+static void *producer(void *arg)
+{
+	uint64_t p = (uint64_t)(intptr_t)arg;
+	for (uint64_t i = 0; i < PER_PRODUCER; i++) {
+		uint64_t v = p << 32 | i;
+		ck_assert_int_eq(zk_chan_send(mp.ch, &v), 0);
+	}
+	return NULL;
+}
+
+static void *consumer(void *arg)
+{
+	int c = (int)(intptr_t)arg;
+	int64_t last[PRODUCERS];
+	for (int p = 0; p < PRODUCERS; p++)
+		last[p] = -1;
+	uint64_t v;
+	int rc;
+	while ((rc = zk_chan_recv(mp.ch, &v)) == 0) {
+		uint64_t p = v >> 32, i = v & 0xffffffffu;
+		ck_assert_uint_lt(p, PRODUCERS);
+		ck_assert_uint_lt(i, PER_PRODUCER);
+		__atomic_add_fetch(&mp.seen[p * PER_PRODUCER + i], 1, __ATOMIC_RELAXED);
+		/* one producer's values arrive in its sending order */
+		if ((int64_t)i <= last[p])
+			__atomic_add_fetch(&mp.order_errors, 1, __ATOMIC_RELAXED);
+		last[p] = (int64_t)i;
+		mp.received[c]++;
+	}
+	ck_assert_int_eq(rc, -EPIPE);
+	return NULL;
+}
+
+static void *mpmc_main(void *arg)
+{
+	zk_fiber_t *prod[PRODUCERS], *cons[CONSUMERS];
+	for (intptr_t c = 0; c < CONSUMERS; c++)
+		ck_assert_int_eq(zk_spawn(&cons[c], consumer, (void *)c), 0);
+	for (intptr_t p = 0; p < PRODUCERS; p++)
+		ck_assert_int_eq(zk_spawn(&prod[p], producer, (void *)p), 0);
+	for (int p = 0; p < PRODUCERS; p++)
+		join_rc(prod[p]);
+	ck_assert_int_eq(zk_chan_close(mp.ch), 0);
+	for (int c = 0; c < CONSUMERS; c++)
+		join_rc(cons[c]);
+	return NULL;
+}
+
+START_TEST(test_chan_mpmc_delivers_a_million_messages_exactly_once)
+{
+	memset(&mp, 0, sizeof(mp));
+	ck_assert_int_eq(zk_chan_create(&mp.ch, sizeof(uint64_t), 64), 0);
+	mp.seen = calloc(PRODUCERS * PER_PRODUCER, 1);
+	run_on(2, mpmc_main, NULL);
+	long total = 0;
+	for (int c = 0; c < CONSUMERS; c++)
+		total += mp.received[c];
+	ck_assert_int_eq(total, PRODUCERS * PER_PRODUCER);
+	for (long i = 0; i < PRODUCERS * PER_PRODUCER; i++)
+		if (mp.seen[i] != 1)
+			ck_abort_msg("message %ld seen %d times", i, mp.seen[i]);
+	ck_assert_int_eq(mp.order_errors, 0);
+	free(mp.seen);
+	ck_assert_int_eq(zk_chan_destroy(mp.ch), 0);
+}
+END_TEST
+
+/* Same over a rendezvous and an unbounded channel, smaller. */
+static void *pair_main(void *arg)
+{
+	zk_chan_t *ch = arg;
+	zk_fiber_t *prod[2], *cons[2];
+	memset(&mp.received, 0, sizeof(mp.received));
+	mp.ch = ch;
+	for (intptr_t c = 0; c < 2; c++)
+		ck_assert_int_eq(zk_spawn(&cons[c], consumer, (void *)c), 0);
+	for (intptr_t p = 0; p < 2; p++)
+		ck_assert_int_eq(zk_spawn(&prod[p], producer, (void *)p), 0);
+	for (int p = 0; p < 2; p++)
+		join_rc(prod[p]);
+	ck_assert_int_eq(zk_chan_close(ch), 0);
+	for (int c = 0; c < 2; c++)
+		join_rc(cons[c]);
+	return NULL;
+}
+
+START_TEST(test_chan_rendezvous_and_unbounded_deliver_exactly_once)
+{
+	size_t caps[2] = { 0, ZK_CHAN_UNBOUNDED };
+	for (int k = 0; k < 2; k++) {
+		memset(&mp, 0, sizeof(mp));
+		mp.seen = calloc(PRODUCERS * PER_PRODUCER, 1);
+		zk_chan_t *ch;
+		ck_assert_int_eq(zk_chan_create(&ch, sizeof(uint64_t), caps[k]), 0);
+		run_on(2, pair_main, ch);
+		ck_assert_int_eq(mp.received[0] + mp.received[1], 2 * PER_PRODUCER);
+		for (long i = 0; i < 2 * PER_PRODUCER; i++)
+			ck_assert_int_eq(mp.seen[i], 1);
+		ck_assert_int_eq(mp.order_errors, 0);
+		free(mp.seen);
+		ck_assert_int_eq(zk_chan_destroy(ch), 0);
+	}
+}
+END_TEST
+
+/* ---- mutex ------------------------------------------------------------------- */
+
+enum { MUTEX_FIBERS = 1000, MUTEX_ITERS = 200 };
+static zk_mutex_t mu = ZK_MUTEX_INIT;
+static long counter;
+static int inside;
+
+static void *incrementer(void *arg)
+{
+	for (int i = 0; i < MUTEX_ITERS; i++) {
+		ck_assert_int_eq(zk_mutex_lock(&mu), 0);
+		ck_assert_int_eq(__atomic_add_fetch(&inside, 1, __ATOMIC_RELAXED), 1);
+		long c = counter;
+		if (i % 16 == 0)
+			zk_yield(); /* hold it across a switch: others must queue */
+		counter = c + 1;
+		__atomic_sub_fetch(&inside, 1, __ATOMIC_RELAXED);
+		ck_assert_int_eq(zk_mutex_unlock(&mu), 0);
+	}
+	return NULL;
+}
+
+static void *mutex_main(void *arg)
+{
+	static zk_fiber_t *f[MUTEX_FIBERS];
+	for (int i = 0; i < MUTEX_FIBERS; i++)
+		ck_assert_int_eq(zk_spawn(&f[i], incrementer, NULL), 0);
+	for (int i = 0; i < MUTEX_FIBERS; i++)
+		join_rc(f[i]);
+	return NULL;
+}
+
+START_TEST(test_mutex_counter_incremented_by_1000_fibers_is_exact)
+{
+	counter = 0;
+	run_on(2, mutex_main, NULL);
+	ck_assert_int_eq(counter, (long)MUTEX_FIBERS * MUTEX_ITERS);
+	ck_assert_int_eq(zk_mutex_trylock(&mu), 0);
+	ck_assert_int_eq(zk_mutex_trylock(&mu), -EBUSY);
+	ck_assert_int_eq(zk_mutex_unlock(&mu), 0);
+	ck_assert_int_eq(zk_mutex_unlock(&mu), -EPERM);
+	ck_assert_int_eq(zk_mutex_destroy(&mu), 0);
+}
+END_TEST
+
+/* Hand-off: waiters get the mutex in arrival order. */
+static int handoff_log[8], handoff_n;
+
+static void *handoff_waiter(void *arg)
+{
+	ck_assert_int_eq(zk_mutex_lock(&mu), 0);
+	handoff_log[handoff_n++] = (int)(intptr_t)arg;
+	ck_assert_int_eq(zk_mutex_unlock(&mu), 0);
+	return NULL;
+}
+
+static void *handoff_main(void *arg)
+{
+	zk_fiber_t *f[8];
+	ck_assert_int_eq(zk_mutex_lock(&mu), 0);
+	for (intptr_t i = 0; i < 8; i++) {
+		ck_assert_int_eq(zk_spawn(&f[i], handoff_waiter, (void *)i), 0);
+		zk_sleep_ns(MS / 2); /* let it queue: arrival order = i */
+	}
+	ck_assert_int_eq(zk_mutex_unlock(&mu), 0);
+	/* barging attempt: the mutex belongs to waiter 0 now */
+	ck_assert_int_eq(zk_mutex_trylock(&mu), -EBUSY);
+	for (int i = 0; i < 8; i++)
+		join_rc(f[i]);
+	return NULL;
+}
+
+START_TEST(test_mutex_hands_off_to_the_longest_waiter)
+{
+	handoff_n = 0;
+	run_on(1, handoff_main, NULL);
+	ck_assert_int_eq(handoff_n, 8);
+	for (int i = 0; i < 8; i++)
+		ck_assert_int_eq(handoff_log[i], i);
+}
+END_TEST
+
+/* ---- close ---------------------------------------------------------------------- */
+
+static void *blocked_recv(void *arg)
+{
+	int v;
+	return (void *)(intptr_t)zk_chan_recv(arg, &v);
+}
+
+static void *blocked_send(void *arg)
+{
+	int v = 7;
+	return (void *)(intptr_t)zk_chan_send(arg, &v);
+}
+
+static void *close_main(void *arg)
+{
+	zk_chan_t *rx, *tx;
+	ck_assert_int_eq(zk_chan_create(&rx, sizeof(int), 0), 0);
+	ck_assert_int_eq(zk_chan_create(&tx, sizeof(int), 2), 0);
+	int v = 1;
+	ck_assert_int_eq(zk_chan_send(tx, &v), 0);
+	ck_assert_int_eq(zk_chan_send(tx, &v), 0); /* full: further senders park */
+	zk_fiber_t *r[10], *s[10];
+	for (int i = 0; i < 10; i++) {
+		ck_assert_int_eq(zk_spawn(&r[i], blocked_recv, rx), 0);
+		ck_assert_int_eq(zk_spawn(&s[i], blocked_send, tx), 0);
+	}
+	zk_sleep_ns(5 * MS);
+	ck_assert_int_eq(zk_chan_destroy(rx), -EBUSY);
+	ck_assert_int_eq(zk_chan_close(rx), 0);
+	ck_assert_int_eq(zk_chan_close(tx), 0);
+	ck_assert_int_eq(zk_chan_close(tx), -EPIPE);
+	for (int i = 0; i < 10; i++) {
+		ck_assert_int_eq(join_rc(r[i]), -EPIPE);
+		ck_assert_int_eq(join_rc(s[i]), -EPIPE);
+	}
+	/* receivers drain the buffer first, then see the close */
+	ck_assert_int_eq(zk_chan_recv(tx, &v), 0);
+	ck_assert_int_eq(zk_chan_try_recv(tx, &v), 0);
+	ck_assert_int_eq(zk_chan_recv(tx, &v), -EPIPE);
+	ck_assert_int_eq(zk_chan_try_recv(tx, &v), -EPIPE);
+	ck_assert_int_eq(zk_chan_send(tx, &v), -EPIPE);
+	ck_assert_int_eq(zk_chan_try_send(rx, &v), -EPIPE);
+	ck_assert_int_eq(zk_chan_destroy(rx), 0);
+	ck_assert_int_eq(zk_chan_destroy(tx), 0);
+	return NULL;
+}
+
+START_TEST(test_chan_close_wakes_parked_senders_and_receivers)
+{
+	run_on(2, close_main, NULL);
+}
+END_TEST
+
+/* ---- select --------------------------------------------------------------------- */
+
+static void *select_fair_main(void *arg)
+{
+	enum { K = 3, ROUNDS = 30000 };
+	zk_chan_t *ch[K];
+	zk_select_case_t c[K];
+	int buf[K];
+	long hits[K] = { 0 };
+	for (int k = 0; k < K; k++) {
+		ck_assert_int_eq(zk_chan_create(&ch[k], sizeof(int), ZK_CHAN_UNBOUNDED), 0);
+		for (int i = 0; i < ROUNDS; i++)
+			ck_assert_int_eq(zk_chan_send(ch[k], &i), 0);
+		c[k] = (zk_select_case_t){ ch[k], ZK_SELECT_RECV, &buf[k] };
+	}
+	for (int i = 0; i < ROUNDS; i++) {
+		int res = 1;
+		int k = zk_select(c, K, &res);
+		ck_assert_int_ge(k, 0);
+		ck_assert_int_eq(res, 0);
+		hits[k]++;
+	}
+	/* every case is always ready: each count is Binomial(ROUNDS, 1/3);
+	 * 6 standard deviations (~490) bound a fair choice (false failure
+	 * rate ~1e-9), while a first-ready or round-robin bias fails it */
+	double mean = ROUNDS / (double)K, sd = sqrt(ROUNDS * (1.0 / K) * (1 - 1.0 / K));
+	for (int k = 0; k < K; k++) {
+		ck_assert_msg(fabs(hits[k] - mean) < 6 * sd, "case %d chosen %ld times of %d", k,
+			      hits[k], ROUNDS);
+		ck_assert_int_eq(zk_chan_len(ch[k]) + (size_t)hits[k], ROUNDS);
+		ck_assert_int_eq(zk_chan_close(ch[k]), 0);
+		ck_assert_int_eq(zk_chan_destroy(ch[k]), 0);
+	}
+	return NULL;
+}
+
+START_TEST(test_select_chooses_uniformly_among_ready_cases)
+{
+	run_on(1, select_fair_main, NULL);
+}
+END_TEST
+
+struct sel_peer {
+	zk_chan_t *ch;
+	int value;
+};
+
+static void *delayed_sender(void *arg)
+{
+	struct sel_peer *p = arg;
+	zk_sleep_ns(3 * MS);
+	return (void *)(intptr_t)zk_chan_send(p->ch, &p->value);
+}
+
+static void *delayed_receiver(void *arg)
+{
+	struct sel_peer *p = arg;
+	zk_sleep_ns(3 * MS);
+	return (void *)(intptr_t)zk_chan_recv(p->ch, &p->value);
+}
+
+static void *select_main(void *arg)
+{
+	zk_chan_t *a, *b;
+	ck_assert_int_eq(zk_chan_create(&a, sizeof(int), 0), 0);
+	ck_assert_int_eq(zk_chan_create(&b, sizeof(int), 0), 0);
+	int ra = 0, sb = 99, res = 1;
+	zk_select_case_t c[3] = { { a, ZK_SELECT_RECV, &ra }, { b, ZK_SELECT_SEND, &sb }, { NULL, 0, NULL } };
+
+	/* default: nothing ready */
+	ck_assert_int_eq(zk_select_try(c, 3, &res), -EAGAIN);
+	/* timeout, and the channels are left clean */
+	int64_t t0 = zk_now_ns();
+	ck_assert_int_eq(zk_select_timed(c, 3, &res, t0 + 5 * MS), -ETIMEDOUT);
+	ck_assert_int_ge(zk_now_ns() - t0, 5 * MS);
+	ck_assert_int_eq(zk_chan_destroy(a) == 0 ? 0 : 1, 0);
+	ck_assert_int_eq(zk_chan_create(&a, sizeof(int), 0), 0);
+	c[0].chan = a;
+
+	/* a parked select completed by a sender on another fiber */
+	struct sel_peer p = { a, 42 };
+	zk_fiber_t *f;
+	ck_assert_int_eq(zk_spawn(&f, delayed_sender, &p), 0);
+	ck_assert_int_eq(zk_select(c, 3, &res), 0);
+	ck_assert_int_eq(res, 0);
+	ck_assert_int_eq(ra, 42);
+	ck_assert_int_eq(join_rc(f), 0);
+
+	/* ... and by a receiver taking the send case */
+	struct sel_peer q = { b, 0 };
+	ck_assert_int_eq(zk_spawn(&f, delayed_receiver, &q), 0);
+	ck_assert_int_eq(zk_select(c, 3, &res), 1);
+	ck_assert_int_eq(join_rc(f), 0);
+	ck_assert_int_eq(q.value, 99);
+
+	/* a closed channel is ready with -EPIPE */
+	ck_assert_int_eq(zk_chan_close(a), 0);
+	ck_assert_int_eq(zk_select(c, 1, &res), 0);
+	ck_assert_int_eq(res, -EPIPE);
+
+	/* bad input */
+	zk_select_case_t bad = { b, 7, &sb };
+	ck_assert_int_eq(zk_select(&bad, 1, &res), -EINVAL);
+	/* nothing usable: only the deadline ends it */
+	ck_assert_int_eq(zk_select_timed(&c[2], 1, &res, zk_now_ns() + MS), -ETIMEDOUT);
+
+	ck_assert_int_eq(zk_chan_destroy(a), 0);
+	ck_assert_int_eq(zk_chan_destroy(b), 0);
+	return NULL;
+}
+
+START_TEST(test_select_waits_times_out_and_has_a_default)
+{
+	run_on(2, select_main, NULL);
+}
+END_TEST
+
+/* Two selects racing over shared channels with plain senders/receivers:
+ * every value is delivered once (claims between selects are exclusive). */
+enum { SEL_N = 20000 };
+static zk_chan_t *sx, *sy;
+static long sel_got;
+
+static void *select_consumer(void *arg)
+{
+	long got = 0;
+	int vx, vy, res;
+	zk_select_case_t c[2] = { { sx, ZK_SELECT_RECV, &vx }, { sy, ZK_SELECT_RECV, &vy } };
+	for (;;) {
+		int k = zk_select(c, 2, &res);
+		ck_assert_int_ge(k, 0);
+		if (res == -EPIPE)
+			break;
+		got++;
+	}
+	__atomic_add_fetch(&sel_got, got, __ATOMIC_RELAXED);
+	return NULL;
+}
+
+static void *select_producer(void *arg)
+{
+	zk_chan_t *ch = arg;
+	for (int i = 0; i < SEL_N; i++)
+		ck_assert_int_eq(zk_chan_send(ch, &i), 0);
+	return NULL;
+}
+
+static void *select_race_main(void *arg)
+{
+	zk_fiber_t *c[3], *p[2];
+	ck_assert_int_eq(zk_chan_create(&sx, sizeof(int), 0), 0);
+	ck_assert_int_eq(zk_chan_create(&sy, sizeof(int), 4), 0);
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(zk_spawn(&c[i], select_consumer, NULL), 0);
+	ck_assert_int_eq(zk_spawn(&p[0], select_producer, sx), 0);
+	ck_assert_int_eq(zk_spawn(&p[1], select_producer, sy), 0);
+	join_rc(p[0]);
+	join_rc(p[1]);
+	/* closing one channel makes every select return -EPIPE from it */
+	ck_assert_int_eq(zk_chan_close(sx), 0);
+	for (int i = 0; i < 3; i++)
+		join_rc(c[i]);
+	/* what is left in sy was not received */
+	int v;
+	while (zk_chan_try_recv(sy, &v) == 0)
+		sel_got++;
+	ck_assert_int_eq(zk_chan_destroy(sx), 0);
+	ck_assert_int_eq(zk_chan_destroy(sy), 0);
+	return NULL;
+}
+
+START_TEST(test_concurrent_selects_receive_every_value_once)
+{
+	sel_got = 0;
+	run_on(2, select_race_main, NULL);
+	ck_assert_int_eq(sel_got, 2 * SEL_N);
+}
+END_TEST
+
+/* ---- timeouts and cancellation on every wait ---------------------------------- */
+
+/* One object of each kind, set up so that every wait below must park. */
+struct objs {
+	zk_mutex_t mu;
+	zk_cond_t cv;
+	zk_mutex_t cv_mu;
+	zk_rwlock_t rw_w;     /* write-locked */
+	zk_rwlock_t rw_r;     /* read-locked */
+	zk_sem_t sem;         /* 0 */
+	zk_waitgroup_t wg;    /* 1 */
+	zk_barrier_t bar;     /* 3 parties */
+	zk_once_t once;       /* its function blocks */
+	zk_chan_t *empty, *full;
+	zk_sem_t once_gate;
+};
+
+static struct objs O;
+
+enum { W_MUTEX, W_COND, W_RDLOCK, W_WRLOCK, W_SEM, W_WG, W_BARRIER, W_ONCE, W_RECV, W_SEND,
+       W_SELECT, W_COUNT };
+
+static const char *wait_name[W_COUNT] = { "mutex", "cond", "rdlock", "wrlock", "sem", "waitgroup",
+					  "barrier", "once", "recv", "send", "select" };
+
+static void once_blocker(void *arg)
+{
+	zk_sem_wait(&O.once_gate);
+}
+
+/* The wait of kind k with deadline d (< 0: none). */
+static int do_wait(int k, int64_t d)
+{
+	int v = 0, rc, res;
+	switch (k) {
+	case W_MUTEX:
+		return zk_mutex_lock_timed(&O.mu, d);
+	case W_COND:
+		ck_assert_int_eq(zk_mutex_lock(&O.cv_mu), 0);
+		rc = zk_cond_wait_timed(&O.cv, &O.cv_mu, d);
+		/* the mutex is held again whatever the outcome */
+		ck_assert_int_eq(zk_mutex_trylock(&O.cv_mu), -EBUSY);
+		ck_assert_int_eq(zk_mutex_unlock(&O.cv_mu), 0);
+		return rc;
+	case W_RDLOCK:
+		return zk_rwlock_rdlock_timed(&O.rw_w, d);
+	case W_WRLOCK:
+		return zk_rwlock_wrlock_timed(&O.rw_r, d);
+	case W_SEM:
+		return zk_sem_wait_timed(&O.sem, d);
+	case W_WG:
+		return zk_waitgroup_wait_timed(&O.wg, d);
+	case W_BARRIER:
+		return zk_barrier_wait_timed(&O.bar, d);
+	case W_ONCE:
+		if (d >= 0)
+			zk_deadline_set(d);
+		rc = zk_once(&O.once, once_blocker, NULL);
+		zk_deadline_clear();
+		return rc;
+	case W_RECV:
+		return zk_chan_recv_timed(O.empty, &v, d);
+	case W_SEND:
+		return zk_chan_send_timed(O.full, &v, d);
+	case W_SELECT: {
+		zk_select_case_t c[2] = { { O.empty, ZK_SELECT_RECV, &v }, { O.full, ZK_SELECT_SEND, &v } };
+		return zk_select_timed(c, 2, &res, d);
+	}
+	}
+	return -999;
+}
+
+static void objs_init(void)
+{
+	memset(&O, 0, sizeof(O));
+	ck_assert_int_eq(zk_mutex_lock(&O.mu), 0);
+	ck_assert_int_eq(zk_rwlock_wrlock(&O.rw_w), 0);
+	ck_assert_int_eq(zk_rwlock_rdlock(&O.rw_r), 0);
+	ck_assert_int_eq(zk_sem_init(&O.sem, 0), 0);
+	ck_assert_int_eq(zk_sem_init(&O.once_gate, 0), 0);
+	ck_assert_int_eq(zk_waitgroup_init(&O.wg), 0);
+	ck_assert_int_eq(zk_waitgroup_add(&O.wg, 1), 0);
+	ck_assert_int_eq(zk_barrier_init(&O.bar, 3), 0);
+	ck_assert_int_eq(zk_chan_create(&O.empty, sizeof(int), 0), 0);
+	ck_assert_int_eq(zk_chan_create(&O.full, sizeof(int), 1), 0);
+	int v = 0;
+	ck_assert_int_eq(zk_chan_send(O.full, &v), 0);
+}
+
+/* After the failed waits every object still works: release each one and
+ * check that the expected number of parties gets through. */
+static void objs_check_and_fini(void)
+{
+	ck_assert_int_eq(zk_mutex_unlock(&O.mu), 0);
+	ck_assert_int_eq(zk_mutex_trylock(&O.mu), 0);
+	ck_assert_int_eq(zk_mutex_unlock(&O.mu), 0);
+	ck_assert_int_eq(zk_mutex_destroy(&O.mu), 0);
+	ck_assert_int_eq(zk_cond_destroy(&O.cv), 0);
+	ck_assert_int_eq(zk_rwlock_unlock(&O.rw_w), 0);
+	ck_assert_int_eq(zk_rwlock_trywrlock(&O.rw_w), 0);
+	ck_assert_int_eq(zk_rwlock_unlock(&O.rw_w), 0);
+	ck_assert_int_eq(zk_rwlock_unlock(&O.rw_r), 0);
+	ck_assert_int_eq(zk_rwlock_trywrlock(&O.rw_r), 0);
+	ck_assert_int_eq(zk_rwlock_unlock(&O.rw_r), 0);
+	ck_assert_int_eq(zk_rwlock_destroy(&O.rw_r), 0);
+	ck_assert_int_eq(zk_sem_value(&O.sem), 0);
+	ck_assert_int_eq(zk_sem_post(&O.sem), 0);
+	ck_assert_int_eq(zk_sem_trywait(&O.sem), 0);
+	ck_assert_int_eq(zk_sem_destroy(&O.sem), 0);
+	ck_assert_int_eq(zk_waitgroup_done(&O.wg), 0);
+	ck_assert_int_eq(zk_waitgroup_wait(&O.wg), 0);
+	ck_assert_int_eq(zk_waitgroup_done(&O.wg), -EINVAL);
+	/* the withdrawn arrivals do not count: 2 more are not enough */
+	ck_assert_int_eq(zk_barrier_wait_timed(&O.bar, zk_now_ns() + MS), -ETIMEDOUT);
+	ck_assert_int_eq(zk_barrier_destroy(&O.bar), 0);
+	ck_assert_int_eq(zk_sem_post(&O.once_gate), 0); /* the once function ends */
+	int v;
+	ck_assert_int_eq(zk_chan_try_recv(O.full, &v), 0);
+	ck_assert_int_eq(zk_chan_try_recv(O.full, &v), -EAGAIN);
+	ck_assert_int_eq(zk_chan_destroy(O.empty), 0);
+	ck_assert_int_eq(zk_chan_destroy(O.full), 0);
+}
+
+static void *once_runner(void *arg)
+{
+	return (void *)(intptr_t)zk_once(&O.once, once_blocker, NULL);
+}
+
+static void *timed_waiter(void *arg)
+{
+	int k = (int)(intptr_t)arg;
+	int64_t t0 = zk_now_ns();
+	int rc = do_wait(k, t0 + 3 * MS);
+	if (rc != -ETIMEDOUT)
+		ck_abort_msg("%s: timed wait returned %d", wait_name[k], rc);
+	ck_assert_int_ge(zk_now_ns() - t0, 3 * MS);
+	/* a deadline already past fails at once */
+	rc = do_wait(k, zk_now_ns() - 1);
+	if (rc != -ETIMEDOUT)
+		ck_abort_msg("%s: past deadline returned %d", wait_name[k], rc);
+	/* and so does the fiber's own deadline */
+	zk_deadline_set(zk_now_ns() + 2 * MS);
+	rc = do_wait(k, -1);
+	zk_deadline_clear();
+	if (rc != -ETIMEDOUT)
+		ck_abort_msg("%s: fiber deadline returned %d", wait_name[k], rc);
+	return NULL;
+}
+
+static int waiters_started;
+
+static void *cancelled_waiter(void *arg)
+{
+	__atomic_add_fetch(&waiters_started, 1, __ATOMIC_RELAXED);
+	return (void *)(intptr_t)do_wait((int)(intptr_t)arg, -1);
+}
+
+static void *every_wait_main(void *arg)
+{
+	objs_init();
+	zk_fiber_t *runner;
+	ck_assert_int_eq(zk_spawn(&runner, once_runner, NULL), 0);
+	zk_sleep_ns(MS); /* the runner is inside the once function */
+	zk_fiber_t *f[W_COUNT];
+	for (intptr_t k = 0; k < W_COUNT; k++)
+		ck_assert_int_eq(zk_spawn(&f[k], timed_waiter, (void *)k), 0);
+	for (int k = 0; k < W_COUNT; k++)
+		join_rc(f[k]);
+	for (intptr_t k = 0; k < W_COUNT; k++)
+		ck_assert_int_eq(zk_spawn(&f[k], cancelled_waiter, (void *)k), 0);
+	while (__atomic_load_n(&waiters_started, __ATOMIC_RELAXED) < W_COUNT)
+		zk_sleep_ns(MS);
+	zk_sleep_ns(3 * MS); /* parked by now, most likely: cancel works either way */
+	for (int k = 0; k < W_COUNT; k++)
+		ck_assert_int_eq(zk_cancel(f[k]), 0);
+	for (int k = 0; k < W_COUNT; k++) {
+		intptr_t rc = join_rc(f[k]);
+		if (rc != -ECANCELED)
+			ck_abort_msg("%s: cancelled wait returned %ld", wait_name[k], (long)rc);
+	}
+	objs_check_and_fini();
+	ck_assert_int_eq(join_rc(runner), 0);
+	return NULL;
+}
+
+START_TEST(test_every_wait_times_out_and_is_cancellable_leaving_objects_consistent)
+{
+	run_on(2, every_wait_main, NULL);
+}
+END_TEST
+
+/* ---- the other primitives doing their job ------------------------------------ */
+
+struct pc {
+	zk_mutex_t mu;
+	zk_cond_t cv;
+	int items;
+	int consumed;
+};
+
+static void *cond_consumer(void *arg)
+{
+	struct pc *p = arg;
+	for (int i = 0; i < 500; i++) {
+		zk_mutex_lock(&p->mu);
+		while (p->items == 0)
+			ck_assert_int_eq(zk_cond_wait(&p->cv, &p->mu), 0);
+		p->items--;
+		p->consumed++;
+		zk_mutex_unlock(&p->mu);
+	}
+	return NULL;
+}
+
+static void *cond_main(void *arg)
+{
+	struct pc *p = arg;
+	zk_fiber_t *c[4];
+	for (int i = 0; i < 4; i++)
+		zk_spawn(&c[i], cond_consumer, p);
+	for (int i = 0; i < 2000; i++) {
+		zk_mutex_lock(&p->mu);
+		p->items++;
+		if (i % 2)
+			zk_cond_signal(&p->cv);
+		else
+			zk_cond_broadcast(&p->cv);
+		zk_mutex_unlock(&p->mu);
+		if (i % 7 == 0)
+			zk_yield();
+	}
+	for (int i = 0; i < 4; i++)
+		join_rc(c[i]);
+	return NULL;
+}
+
+START_TEST(test_cond_producer_consumer_loses_no_wakeup)
+{
+	struct pc p;
+	memset(&p, 0, sizeof(p));
+	run_on(2, cond_main, &p);
+	ck_assert_int_eq(p.consumed, 2000);
+}
+END_TEST
+
+struct rwt {
+	zk_rwlock_t rw;
+	int readers, max_readers, writers;
+	long value;
+};
+
+static void *rw_worker(void *arg)
+{
+	struct rwt *t = arg;
+	for (int i = 0; i < 300; i++) {
+		if (i % 5 == 0) {
+			ck_assert_int_eq(zk_rwlock_wrlock(&t->rw), 0);
+			ck_assert_int_eq(__atomic_add_fetch(&t->writers, 1, __ATOMIC_RELAXED), 1);
+			ck_assert_int_eq(__atomic_load_n(&t->readers, __ATOMIC_RELAXED), 0);
+			t->value++;
+			zk_yield();
+			__atomic_sub_fetch(&t->writers, 1, __ATOMIC_RELAXED);
+		} else {
+			ck_assert_int_eq(zk_rwlock_rdlock(&t->rw), 0);
+			int r = __atomic_add_fetch(&t->readers, 1, __ATOMIC_RELAXED);
+			ck_assert_int_eq(__atomic_load_n(&t->writers, __ATOMIC_RELAXED), 0);
+			if (r > __atomic_load_n(&t->max_readers, __ATOMIC_RELAXED))
+				__atomic_store_n(&t->max_readers, r, __ATOMIC_RELAXED);
+			zk_yield();
+			__atomic_sub_fetch(&t->readers, 1, __ATOMIC_RELAXED);
+		}
+		ck_assert_int_eq(zk_rwlock_unlock(&t->rw), 0);
+	}
+	return NULL;
+}
+
+static void *rw_main(void *arg)
+{
+	zk_fiber_t *f[16];
+	for (int i = 0; i < 16; i++)
+		zk_spawn(&f[i], rw_worker, arg);
+	for (int i = 0; i < 16; i++)
+		join_rc(f[i]);
+	return NULL;
+}
+
+START_TEST(test_rwlock_excludes_writers_and_shares_readers)
+{
+	struct rwt t;
+	memset(&t, 0, sizeof(t));
+	run_on(2, rw_main, &t);
+	ck_assert_int_eq(t.value, 16 * 60);
+	ck_assert_int_gt(t.max_readers, 1);
+	ck_assert_int_eq(zk_rwlock_destroy(&t.rw), 0);
+}
+END_TEST
+
+struct semt {
+	zk_sem_t sem;
+	int in, max_in;
+	zk_waitgroup_t wg;
+	zk_barrier_t bar;
+	int serial;
+	zk_once_t once;
+	int once_runs;
+};
+
+static void once_fn(void *arg)
+{
+	struct semt *t = arg;
+	zk_sleep_ns(MS); /* others arrive meanwhile and wait */
+	t->once_runs++;
+}
+
+static void *sem_worker(void *arg)
+{
+	struct semt *t = arg;
+	ck_assert_int_eq(zk_once(&t->once, once_fn, t), 0);
+	ck_assert_int_eq(__atomic_load_n(&t->once_runs, __ATOMIC_RELAXED), 1);
+	for (int i = 0; i < 50; i++) {
+		ck_assert_int_eq(zk_sem_wait(&t->sem), 0);
+		int n = __atomic_add_fetch(&t->in, 1, __ATOMIC_RELAXED);
+		ck_assert_int_le(n, 3);
+		if (n > __atomic_load_n(&t->max_in, __ATOMIC_RELAXED))
+			__atomic_store_n(&t->max_in, n, __ATOMIC_RELAXED);
+		zk_yield();
+		__atomic_sub_fetch(&t->in, 1, __ATOMIC_RELAXED);
+		ck_assert_int_eq(zk_sem_post(&t->sem), 0);
+	}
+	for (int round = 0; round < 3; round++) {
+		int rc = zk_barrier_wait(&t->bar);
+		ck_assert(rc == 0 || rc == ZK_BARRIER_SERIAL);
+		if (rc == ZK_BARRIER_SERIAL)
+			__atomic_add_fetch(&t->serial, 1, __ATOMIC_RELAXED);
+	}
+	zk_waitgroup_done(&t->wg);
+	return NULL;
+}
+
+static void *sem_main(void *arg)
+{
+	struct semt *t = arg;
+	ck_assert_int_eq(zk_waitgroup_add(&t->wg, 10), 0);
+	for (int i = 0; i < 10; i++)
+		zk_spawn(NULL, sem_worker, t);
+	ck_assert_int_eq(zk_waitgroup_wait(&t->wg), 0);
+	ck_assert_int_eq(t->serial, 3);
+	return NULL;
+}
+
+START_TEST(test_semaphore_waitgroup_barrier_and_once_work_across_workers)
+{
+	struct semt t;
+	memset(&t, 0, sizeof(t));
+	ck_assert_int_eq(zk_sem_init(&t.sem, 3), 0);
+	ck_assert_int_eq(zk_waitgroup_init(&t.wg), 0);
+	ck_assert_int_eq(zk_barrier_init(&t.bar, 10), 0);
+	run_on(2, sem_main, &t);
+	ck_assert_int_eq(t.once_runs, 1);
+	ck_assert_int_eq(t.max_in >= 1 && t.max_in <= 3, 1);
+	ck_assert_int_eq(zk_sem_value(&t.sem), 3);
+}
+END_TEST
+
+/* ---- plain threads and fibers sharing objects ---------------------------------- */
+
+struct mixed {
+	zk_chan_t *to_thread, *to_fiber;
+	zk_mutex_t mu;
+	long counter;
+	int thread_timeout_rc;
+};
+
+static void *plain_thread(void *arg)
+{
+	struct mixed *m = arg;
+	int v;
+	/* a timed wait on a plain thread */
+	m->thread_timeout_rc = zk_chan_recv_timed(m->to_thread, &v, zk_now_ns() + 2 * MS);
+	for (int i = 0; i < 2000; i++) {
+		ck_assert_int_eq(zk_chan_recv(m->to_thread, &v), 0);
+		ck_assert_int_eq(v, i);
+		v = -v;
+		ck_assert_int_eq(zk_chan_send(m->to_fiber, &v), 0);
+		zk_mutex_lock(&m->mu);
+		m->counter++;
+		zk_mutex_unlock(&m->mu);
+	}
+	return NULL;
+}
+
+static void *mixed_main(void *arg)
+{
+	struct mixed *m = arg;
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, plain_thread, m), 0);
+	zk_sleep_ns(5 * MS);
+	for (int i = 0; i < 2000; i++) {
+		int v = i;
+		ck_assert_int_eq(zk_chan_send(m->to_thread, &v), 0);
+		ck_assert_int_eq(zk_chan_recv(m->to_fiber, &v), 0);
+		ck_assert_int_eq(v, -i);
+		zk_mutex_lock(&m->mu);
+		m->counter++;
+		zk_mutex_unlock(&m->mu);
+	}
+	pthread_join(th, NULL); /* the thread has finished its last send by now */
+	return NULL;
+}
+
+START_TEST(test_fibers_and_plain_threads_share_channels_and_mutexes)
+{
+	struct mixed m;
+	memset(&m, 0, sizeof(m));
+	ck_assert_int_eq(zk_chan_create(&m.to_thread, sizeof(int), 0), 0);
+	ck_assert_int_eq(zk_chan_create(&m.to_fiber, sizeof(int), 0), 0);
+	run_on(2, mixed_main, &m);
+	ck_assert_int_eq(m.thread_timeout_rc, -ETIMEDOUT);
+	ck_assert_int_eq(m.counter, 4000);
+	zk_chan_destroy(m.to_thread);
+	zk_chan_destroy(m.to_fiber);
+}
+END_TEST
+
+/* ---- scopes ---------------------------------------------------------------------- */
+
+static int scope_cancelled, scope_finished;
+
+static int sleepy_member(void *arg)
+{
+	int rc = zk_sleep_ns(10000 * MS);
+	if (rc == -ECANCELED)
+		__atomic_add_fetch(&scope_cancelled, 1, __ATOMIC_RELAXED);
+	return rc == -ECANCELED ? 0 : rc;
+}
+
+static int failing_member(void *arg)
+{
+	zk_sleep_ns(2 * MS);
+	return -EIO;
+}
+
+static int quick_member(void *arg)
+{
+	zk_yield();
+	__atomic_add_fetch(&scope_finished, 1, __ATOMIC_RELAXED);
+	return 0;
+}
+
+static void *scope_main(void *arg)
+{
+	zk_scope_t *s;
+	/* all succeed: end waits for every member and returns 0 */
+	ck_assert_int_eq(zk_scope_begin(&s), 0);
+	for (int i = 0; i < 100; i++)
+		ck_assert_int_eq(zk_scope_spawn(s, quick_member, NULL), 0);
+	ck_assert_int_eq(zk_scope_end(s), 0);
+	ck_assert_int_eq(scope_finished, 100);
+
+	/* one fails: the others are cancelled, its error is returned */
+	int64_t t0 = zk_now_ns();
+	ck_assert_int_eq(zk_scope_begin(&s), 0);
+	for (int i = 0; i < 10; i++)
+		ck_assert_int_eq(zk_scope_spawn(s, sleepy_member, NULL), 0);
+	ck_assert_int_eq(zk_scope_spawn(s, failing_member, NULL), 0);
+	ck_assert_int_eq(zk_scope_end(s), -EIO);
+	ck_assert_int_eq(scope_cancelled, 10);
+	ck_assert_int_lt(zk_now_ns() - t0, 5000 * MS);
+
+	/* spawning into a failed scope is refused */
+	ck_assert_int_eq(zk_scope_begin(&s), 0);
+	ck_assert_int_eq(zk_scope_spawn(s, failing_member, NULL), 0);
+	zk_sleep_ns(20 * MS);
+	ck_assert_int_eq(zk_scope_spawn(s, quick_member, NULL), -ECANCELED);
+	ck_assert_int_eq(zk_scope_end(s), -EIO);
+	return NULL;
+}
+
+START_TEST(test_scope_first_failure_cancels_the_rest_and_is_returned)
+{
+	scope_cancelled = scope_finished = 0;
+	run_on(2, scope_main, NULL);
+}
+END_TEST
+
+/* The owner is cancelled while it waits: members are cancelled, and the
+ * owner returns only after they all ended. */
+static int members_alive;
+
+static int counted_member(void *arg)
+{
+	__atomic_add_fetch(&members_alive, 1, __ATOMIC_RELAXED);
+	zk_sleep_ns(10000 * MS);
+	zk_sleep_ns(MS); /* cancelled: returns at once, still "running" a bit */
+	__atomic_sub_fetch(&members_alive, 1, __ATOMIC_RELAXED);
+	return 0;
+}
+
+static void *scope_owner(void *arg)
+{
+	zk_scope_t *s;
+	ck_assert_int_eq(zk_scope_begin(&s), 0);
+	for (int i = 0; i < 20; i++)
+		ck_assert_int_eq(zk_scope_spawn(s, counted_member, NULL), 0);
+	int rc = zk_scope_end(s);
+	ck_assert_int_eq(__atomic_load_n(&members_alive, __ATOMIC_RELAXED), 0);
+	return (void *)(intptr_t)rc;
+}
+
+static void *scope_owner_main(void *arg)
+{
+	zk_fiber_t *owner;
+	ck_assert_int_eq(zk_spawn(&owner, scope_owner, NULL), 0);
+	while (__atomic_load_n(&members_alive, __ATOMIC_RELAXED) < 20)
+		zk_sleep_ns(MS);
+	ck_assert_int_eq(zk_cancel(owner), 0);
+	ck_assert_int_eq(join_rc(owner), -ECANCELED);
+	return NULL;
+}
+
+START_TEST(test_scope_owner_cancelled_cancels_members_and_outlives_them)
+{
+	members_alive = 0;
+	run_on(2, scope_owner_main, NULL);
+}
+END_TEST
+
+/* ---- generators ---------------------------------------------------------------------- */
+
+struct naturals {
+	int *resource;  /* allocated while running, freed on the way out */
+	int yielded;
+	int exit_rc;
+};
+
+static void naturals(zk_gen_t *g, void *arg)
+{
+	struct naturals *n = arg;
+	n->resource = malloc(1024);
+	int rc = 0;
+	for (int i = 0; rc == 0; i++) {
+		rc = zk_gen_yield(g, &i);
+		if (rc == 0)
+			n->yielded++;
+	}
+	n->exit_rc = rc;
+	free(n->resource);
+	n->resource = NULL;
+}
+
+static void three(zk_gen_t *g, void *arg)
+{
+	for (int i = 1; i <= 3; i++)
+		if (zk_gen_yield(g, &i))
+			return;
+}
+
+static void *gen_main(void *arg)
+{
+	/* runs to its end: next reports -EPIPE */
+	zk_gen_t *g;
+	int v;
+	ck_assert_int_eq(zk_gen_create(&g, sizeof(int), three, NULL), 0);
+	for (int i = 1; i <= 3; i++) {
+		ck_assert_int_eq(zk_gen_next(g, &v), 0);
+		ck_assert_int_eq(v, i);
+	}
+	ck_assert_int_eq(zk_gen_next(g, &v), -EPIPE);
+	ck_assert_int_eq(zk_gen_next(g, &v), -EPIPE);
+	ck_assert_int_eq(zk_gen_destroy(g), 0);
+
+	/* abandoned mid-stream: the generator unwinds and frees */
+	struct naturals n = { NULL, 0, 0 };
+	ck_assert_int_eq(zk_gen_create(&g, sizeof(int), naturals, &n), 0);
+	zk_sleep_ns(MS);
+	ck_assert_int_eq(n.yielded, 0); /* lazy: nothing before the first next */
+	for (int i = 0; i < 10; i++) {
+		ck_assert_int_eq(zk_gen_next(g, &v), 0);
+		ck_assert_int_eq(v, i);
+	}
+	ck_assert_ptr_nonnull(n.resource);
+	ck_assert_int_eq(zk_gen_destroy(g), 0);
+	ck_assert_ptr_null(n.resource);
+	ck_assert_int_le(n.yielded, 11);
+	ck_assert(n.exit_rc == -EPIPE || n.exit_rc == -ECANCELED);
+
+	/* abandoned before it ever ran */
+	ck_assert_int_eq(zk_gen_create(&g, sizeof(int), naturals, &n), 0);
+	ck_assert_int_eq(zk_gen_destroy(g), 0);
+	return NULL;
+}
+
+START_TEST(test_generator_yields_in_order_and_can_be_abandoned_mid_stream)
+{
+	run_on(2, gen_main, NULL);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("sync");
+	TCase *tc = tcase_create("sync");
+	tcase_set_timeout(tc, 240);
+	tcase_add_test(tc, test_chan_mpmc_delivers_a_million_messages_exactly_once);
+	tcase_add_test(tc, test_chan_rendezvous_and_unbounded_deliver_exactly_once);
+	tcase_add_test(tc, test_mutex_counter_incremented_by_1000_fibers_is_exact);
+	tcase_add_test(tc, test_mutex_hands_off_to_the_longest_waiter);
+	tcase_add_test(tc, test_chan_close_wakes_parked_senders_and_receivers);
+	tcase_add_test(tc, test_select_chooses_uniformly_among_ready_cases);
+	tcase_add_test(tc, test_select_waits_times_out_and_has_a_default);
+	tcase_add_test(tc, test_concurrent_selects_receive_every_value_once);
+	tcase_add_test(tc, test_every_wait_times_out_and_is_cancellable_leaving_objects_consistent);
+	tcase_add_test(tc, test_cond_producer_consumer_loses_no_wakeup);
+	tcase_add_test(tc, test_rwlock_excludes_writers_and_shares_readers);
+	tcase_add_test(tc, test_semaphore_waitgroup_barrier_and_once_work_across_workers);
+	tcase_add_test(tc, test_fibers_and_plain_threads_share_channels_and_mutexes);
+	tcase_add_test(tc, test_scope_first_failure_cancels_the_rest_and_is_returned);
+	tcase_add_test(tc, test_scope_owner_cancelled_cancels_members_and_outlives_them);
+	tcase_add_test(tc, test_generator_yields_in_order_and_can_be_abandoned_mid_stream);
+	suite_add_tcase(s, tc);
+	SRunner *sr = srunner_create(s);
+	srunner_run_all(sr, CK_NORMAL);
+	int failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
