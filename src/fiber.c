@@ -3,9 +3,12 @@
  * cancellation and fiber-local storage.  The mechanics (records, queues,
  * switching) live in scheduler.c; this file is the contract users see.
  *
- * Lifetime of a record: it holds one reference for the fiber itself
- * (dropped when it ends) and one for the handle zk_spawn returned (dropped
- * by zk_join or zk_detach).  Whoever drops the last one frees it.
+ * Lifetime of a record: one word, joiner, decides who frees it.  It is NULL
+ * while the fiber runs and a handle exists, a waiter while someone joins,
+ * DETACHED once the handle was given up, DONE once the fiber ended.  The
+ * fiber's end exchanges in DONE and frees the record if it finds DETACHED;
+ * zk_detach exchanges in DETACHED and frees it if it finds DONE; zk_join
+ * frees it after it saw DONE.  One atomic exchange per fiber, no counts.
  */
 #include "config.h"
 #include "sanitize.h"
@@ -42,7 +45,9 @@ int zk_spawn_ex(zk_runtime_t *rt, zk_fiber_t **out, zk_fiber_fn fn, void *arg,
 		rt = w ? w->rt : NULL;
 	if (!rt || !fn)
 		return -EINVAL;
-	if (w && w->rt == rt) {
+	if (w && w->rt != rt)
+		w = NULL; /* a worker of another runtime spawns like a plain thread */
+	if (w) {
 		/* Lazy stacks make spawn itself cheap, but a spawn that could
 		 * never get a stack should fail here, not later: keep one stack
 		 * in reserve in this worker's cache. */
@@ -50,7 +55,7 @@ int zk_spawn_ex(zk_runtime_t *rt, zk_fiber_t **out, zk_fiber_fn fn, void *arg,
 		if (rc)
 			return rc;
 	}
-	zk_fiber_t *f = zk__fiber_alloc(rt);
+	zk_fiber_t *f = zk__fiber_alloc(rt, w);
 	if (!f)
 		return -ENOMEM;
 	f->fn = fn;
@@ -60,12 +65,14 @@ int zk_spawn_ex(zk_runtime_t *rt, zk_fiber_t **out, zk_fiber_fn fn, void *arg,
 		if (opts->name)
 			zk_fiber_set_name(f, opts->name);
 	}
-	if (out) {
-		atomic_store_explicit(&f->refs, 2, memory_order_relaxed);
+	if (out)
 		*out = f;
-	}
+	else
+		atomic_store_explicit(&f->joiner, ZK__JOIN_DETACHED, memory_order_relaxed);
+	/* Counted at once; ends are counted in batches (flush_ended),
+	 * which can only delay, never hasten, the runtime's "all ended". */
 	atomic_fetch_add_explicit(&rt->live, 1, memory_order_relaxed);
-	zk__schedule_new(rt, f);
+	zk__schedule_new(rt, w, f);
 	return 0;
 }
 
@@ -82,13 +89,16 @@ struct join_ctx {
 };
 
 /* Runs after the joiner's context is saved: register it, unless the target
- * ended meanwhile (then resume the joiner at once). */
+ * ended meanwhile (then resume the joiner at once).  Already registered
+ * (parked again after a stray wake-up): stay parked. */
 static int join_publish(zk_fiber_t *self, void *arg)
 {
 	struct join_ctx *jc = arg;
-	struct zk__waiter *expected = NULL;
-	return !atomic_compare_exchange_strong_explicit(&jc->target->joiner, &expected, jc->waiter,
-						       memory_order_acq_rel, memory_order_acquire);
+	struct zk__waiter *cur = NULL;
+	if (atomic_compare_exchange_strong_explicit(&jc->target->joiner, &cur, jc->waiter,
+						    memory_order_acq_rel, memory_order_acquire))
+		return 0;
+	return cur != jc->waiter;
 }
 
 int zk_join(zk_fiber_t *f, void **result)
@@ -98,12 +108,19 @@ int zk_join(zk_fiber_t *f, void **result)
 	zk_fiber_t *self = zk_self();
 	if (self == f)
 		return -EDEADLK;
-	if (atomic_load_explicit(&f->joiner, memory_order_acquire) != ZK__JOIN_DONE) {
+	struct zk__waiter *j = atomic_load_explicit(&f->joiner, memory_order_acquire);
+	if (j == ZK__JOIN_DETACHED || (j != NULL && j != ZK__JOIN_DONE))
+		return -EINVAL; /* detached, or another join is waiting */
+	if (j != ZK__JOIN_DONE) {
 		struct zk__waiter wt = { .fiber = self };
 		atomic_init(&wt.futex, 0);
 		if (self) {
 			struct join_ctx jc = { f, &wt };
-			zk__park("join", join_publish, &jc, 0);
+			/* Only the target's end may let us go: the waiter lives in
+			 * this frame and stays registered until then. */
+			do
+				zk__park("join", join_publish, &jc, 0);
+			while (atomic_load_explicit(&f->joiner, memory_order_acquire) != ZK__JOIN_DONE);
 		} else {
 			struct zk__waiter *expected = NULL;
 			if (atomic_compare_exchange_strong_explicit(&f->joiner, &expected, &wt,
@@ -111,12 +128,13 @@ int zk_join(zk_fiber_t *f, void **result)
 								    memory_order_acquire))
 				zk__waiter_block(&wt);
 		}
+		/* pairs with the exchange in fiber_ended() */
+		(void)atomic_load_explicit(&f->joiner, memory_order_acquire);
 	}
-	(void)atomic_load_explicit(&f->joiner, memory_order_acquire); /* pairs with the end */
 	if (result)
 		*result = f->result;
 	int err = f->err;
-	zk__fiber_release(f);
+	zk__fiber_free(f); /* the fiber has ended: the handle was the last user */
 	return err;
 }
 
@@ -124,7 +142,10 @@ int zk_detach(zk_fiber_t *f)
 {
 	if (!f)
 		return -EINVAL;
-	zk__fiber_release(f);
+	struct zk__waiter *j = atomic_exchange_explicit(&f->joiner, ZK__JOIN_DETACHED,
+							memory_order_acq_rel);
+	if (j == ZK__JOIN_DONE)
+		zk__fiber_free(f); /* already ended: nobody else will */
 	return 0;
 }
 

@@ -35,7 +35,6 @@ struct zk_fiber {
 	void *result;
 	uint64_t id;
 	_Atomic int state;           /* enum zk__fiber_state */
-	_Atomic int refs;            /* 1 for the running fiber + 1 for a handle */
 	_Atomic(struct zk__waiter *) joiner; /* ZK__JOIN_DONE once ended */
 	_Atomic int cancel;          /* cancellation requested */
 	int wake_reason;             /* what zk__park returns; set by the waker */
@@ -62,6 +61,7 @@ struct zk_fiber {
 };
 
 #define ZK__JOIN_DONE ((struct zk__waiter *)1)
+#define ZK__JOIN_DETACHED ((struct zk__waiter *)2)
 
 /* A waiter is a fiber or, on a plain thread, a futex word to block on. */
 struct zk__waiter {
@@ -98,8 +98,10 @@ typedef int (*zk__publish_fn)(zk_fiber_t *self, void *arg);
 int zk__park(const char *what, zk__publish_fn publish, void *arg, int flags);
 int zk__unpark(zk_fiber_t *f, int reason);
 
-zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt);
-void zk__fiber_release(zk_fiber_t *f);  /* drop one reference */
+struct zk__worker;
+/* w: the calling worker if it belongs to rt, else NULL. */
+zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt, struct zk__worker *w);
+void zk__fiber_free(zk_fiber_t *f);     /* see the lifetime rule in fiber.c */
 void zk__fiber_run_tls_dtors(zk_fiber_t *f);
 
 #endif

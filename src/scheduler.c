@@ -295,19 +295,19 @@ static void wake_one(zk_runtime_t *rt)
 
 static void wake_all(zk_runtime_t *rt)
 {
+	/* Unpark under the lock: once off the list a worker may wake for
+	 * another reason and re-register, overwriting its next_idle link. */
 	pthread_mutex_lock(&rt->idle_lock);
 	struct zk__worker *w = rt->idle;
 	rt->idle = NULL;
-	for (struct zk__worker *v = w; v; v = v->next_idle) {
-		v->idle = 0;
-		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
-	}
-	pthread_mutex_unlock(&rt->idle_lock);
 	while (w) {
 		struct zk__worker *next = w->next_idle;
+		w->idle = 0;
+		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
 		unpark_worker(w);
 		w = next;
 	}
+	pthread_mutex_unlock(&rt->idle_lock);
 }
 
 void zk__schedule(zk_fiber_t *f)
@@ -335,10 +335,9 @@ void zk__schedule(zk_fiber_t *f)
 	atomic_fetch_sub_explicit(&rt->foreign_wakers, 1, memory_order_release);
 }
 
-void zk__schedule_new(zk_runtime_t *rt, zk_fiber_t *f)
+void zk__schedule_new(zk_runtime_t *rt, struct zk__worker *w, zk_fiber_t *f)
 {
-	struct zk__worker *w = zk__worker_self();
-	if (w && w->rt == rt) {
+	if (w) {
 		push_runnable(w, f);
 		return;
 	}
@@ -404,11 +403,8 @@ static uint64_t new_fiber_id(struct zk__worker *w)
 	return w->next_id++;
 }
 
-zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt)
+zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt, struct zk__worker *w)
 {
-	struct zk__worker *w = zk__worker_self();
-	if (w && w->rt != rt)
-		w = NULL;
 	zk_fiber_t *f;
 	if (w && w->free_fibers) {
 		f = w->free_fibers;
@@ -425,7 +421,6 @@ zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt)
 	f->rt = rt;
 	f->result = NULL;
 	f->id = new_fiber_id(w);
-	atomic_init(&f->refs, 1);
 	atomic_init(&f->joiner, NULL);
 	atomic_init(&f->cancel, 0);
 	f->wake_reason = 0;
@@ -459,10 +454,9 @@ static void rec_free(zk_fiber_t *f)
 	pthread_mutex_unlock(&rt->rec_lock);
 }
 
-void zk__fiber_release(zk_fiber_t *f)
+void zk__fiber_free(zk_fiber_t *f)
 {
-	if (atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) == 1)
-		rec_free(f);
+	rec_free(f);
 }
 
 /* ---- the switch ---------------------------------------------------------- */
@@ -489,9 +483,16 @@ struct zk__switch {
 
 static void fiber_entry(zk_transfer_t t);
 
-void zk__sched_fiber_ended(zk_runtime_t *rt)
+/* Fold this worker's count of ended fibers into rt->live.  When it drops
+ * to zero every fiber has ended: the workers leave. */
+static void flush_ended(struct zk__worker *w)
 {
-	if (atomic_fetch_sub_explicit(&rt->live, 1, memory_order_acq_rel) == 1) {
+	long n = w->ended;
+	if (n == 0)
+		return;
+	w->ended = 0;
+	zk_runtime_t *rt = w->rt;
+	if (atomic_fetch_sub_explicit(&rt->live, n, memory_order_acq_rel) == n) {
 		atomic_store_explicit(&rt->done, 1, memory_order_seq_cst);
 		zk__fence_seq_cst();
 		wake_all(rt);
@@ -499,16 +500,21 @@ void zk__sched_fiber_ended(zk_runtime_t *rt)
 }
 
 /* Record the end of f (ran to the end, or could never start) and wake its
- * joiner.  Called on some other context than f's own. */
-static void fiber_ended(zk_fiber_t *f)
+ * joiner, or free it if it was detached (lifetime rule in fiber.c).
+ * Called by a worker, on some other context than f's own. */
+static void fiber_ended(struct zk__worker *w, zk_fiber_t *f)
 {
-	zk_runtime_t *rt = f->rt;
 	atomic_store_explicit(&f->state, ZK__DONE, memory_order_release);
 	struct zk__waiter *j = atomic_exchange_explicit(&f->joiner, ZK__JOIN_DONE, memory_order_acq_rel);
-	if (j)
+	if (j == ZK__JOIN_DETACHED)
+		rec_free(f);
+	else if (j)
 		zk__waiter_wake(j);
-	zk__fiber_release(f);
-	zk__sched_fiber_ended(rt);
+	/* Ends are counted in batches: an early "all ended" is impossible
+	 * (spawns are counted at once), a late one costs nothing, and the
+	 * batch is flushed before this worker looks for work elsewhere. */
+	if (++w->ended >= 64)
+		flush_ended(w);
 }
 
 /* Bind a stack to a fiber about to run for the first time.  Returns 0 if
@@ -523,7 +529,7 @@ static int fiber_prepare(struct zk__worker *w, zk_fiber_t *f)
 		rc = zk__stack_get(&w->rt->pool, &w->stacks, &f->stack);
 	if (rc != 0) {
 		f->err = rc;
-		fiber_ended(f);
+		fiber_ended(w, f);
 		return 0;
 	}
 	f->ctx = zk_make_fcontext(zk__stack_top(f->stack), zk__stack_usable(f->stack), fiber_entry);
@@ -617,11 +623,14 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		/* Read before publish: once published, p may run (and clear
 		 * its fields) on another worker. */
 		int cancellable = p->cancellable_park;
-		atomic_store_explicit(&p->state, ZK__PARKED, memory_order_seq_cst);
+		int hooked = atomic_load_explicit(&p->cancel_hook, memory_order_relaxed) != NULL;
+		atomic_store_explicit(&p->state, ZK__PARKED, memory_order_release);
 		if (publish(p, arg)) {
 			zk__unpark(p, 0);
 			break;
 		}
+		if (!cancellable && !hooked)
+			break; /* zk_cancel cannot end this wait: no race to close */
 		/* Pairs with zk_cancel: it stores cancel then reads state. */
 		zk__fence_seq_cst();
 		if (cancellable && atomic_load_explicit(&p->cancel, memory_order_seq_cst))
@@ -632,7 +641,7 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		zk__tsan_destroy(FIBER_TSAN(p));
 		zk__stack_put(&w->rt->pool, &w->stacks, p->stack);
 		p->stack = NULL;
-		fiber_ended(p);
+		fiber_ended(w, p);
 		break;
 	}
 }
@@ -903,6 +912,7 @@ static zk_fiber_t *find_work(struct zk__worker *w)
 		zk_fiber_t *f = next_runnable(w);
 		if (f)
 			return f;
+		flush_ended(w);
 		if (atomic_load_explicit(&rt->done, memory_order_acquire))
 			return NULL;
 		if (fire_timers(w))
@@ -1086,12 +1096,8 @@ static const char *state_name(int s)
 
 /* Best effort while the runtime runs: records are read without stopping
  * their owners (the fields may be mid-update, never unmapped). */
-#if defined(__has_feature)
-#if __has_feature(thread_sanitizer)
+#ifdef ZK_TSAN
 __attribute__((no_sanitize("thread")))
-#endif
-#elif defined(__SANITIZE_THREAD__)
-__attribute__((no_sanitize_thread))
 #endif
 int zk_runtime_dump(zk_runtime_t *rt, int fd)
 {

@@ -51,6 +51,7 @@ struct zk__worker {
 	unsigned nfree;
 	uint64_t next_id, id_end;       /* block of fiber ids */
 	int spinning;
+	long ended;                     /* fibers ended here, not yet taken off rt->live */
 
 	/* Fibers that may not migrate, woken from another thread. */
 	pthread_mutex_t inbox_lock;
@@ -103,12 +104,11 @@ struct zk__worker *zk__worker_self(void);
  * home worker's inbox if it may not migrate, or the global injector. */
 void zk__schedule(zk_fiber_t *f);
 /* Queue a freshly spawned fiber. */
-void zk__schedule_new(zk_runtime_t *rt, zk_fiber_t *f);
+void zk__schedule_new(zk_runtime_t *rt, struct zk__worker *w, zk_fiber_t *f);
 
 int zk__sched_init(zk_runtime_t *rt);
 void zk__sched_fini(zk_runtime_t *rt);
 int zk__sched_run(zk_runtime_t *rt);
-void zk__sched_fiber_ended(zk_runtime_t *rt);
 /* Wait until no thread outside the runtime is still waking one of its
  * fibers (called before the runtime's memory goes away). */
 void zk__sched_quiesce(zk_runtime_t *rt);
