@@ -35,7 +35,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define ZK__DEQUE_SIZE 256 /* power of two */
+#define ZK__DEQUE_SIZE 1024 /* power of two; a batch of 1000 spawns fits */
 
 struct zk_fiber;
 

@@ -69,9 +69,7 @@ int zk_spawn_ex(zk_runtime_t *rt, zk_fiber_t **out, zk_fiber_fn fn, void *arg,
 		*out = f;
 	else
 		atomic_store_explicit(&f->joiner, ZK__JOIN_DETACHED, memory_order_relaxed);
-	/* Counted at once; ends are counted in batches (flush_ended),
-	 * which can only delay, never hasten, the runtime's "all ended". */
-	atomic_fetch_add_explicit(&rt->live, 1, memory_order_relaxed);
+	zk__count_spawn(rt, w);
 	zk__schedule_new(rt, w, f);
 	return 0;
 }
@@ -192,7 +190,10 @@ int zk_cancel(zk_fiber_t *f)
 	atomic_store_explicit(&f->cancel, 1, memory_order_seq_cst);
 	/* Pairs with after_switch(): it stores PARKED, fences, reads cancel. */
 	zk__fence_seq_cst();
-	if (atomic_load_explicit(&f->state, memory_order_seq_cst) == ZK__PARKED) {
+	int st = atomic_load_explicit(&f->state, memory_order_seq_cst);
+	if (st == ZK__PARKING && f->cancellable_park) {
+		zk__unpark(f, -ECANCELED); /* deferred until publish is done */
+	} else if (st == ZK__PARKED) {
 		struct zk__cancel_hook *h = atomic_load_explicit(&f->cancel_hook, memory_order_acquire);
 		if (h)
 			h->fn(h);

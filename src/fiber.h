@@ -23,6 +23,9 @@ enum zk__fiber_state {
 	ZK__RUNNING,
 	ZK__PARKED,       /* context saved, waiting for zk__unpark */
 	ZK__DONE,         /* ended; record lives until the handle is released */
+	ZK__PARKING,      /* context saved, publish running (see after_switch) */
+	ZK__WAKING,       /* woken while PARKING; the waker is storing its reason */
+	ZK__WOKEN,        /* woken while PARKING; after_switch will schedule it */
 };
 
 struct zk_fiber {

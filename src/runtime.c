@@ -62,9 +62,10 @@ int zk_runtime_create(zk_runtime_t **out, const zk_runtime_opts_t *opts)
 	if (o.stack_pool_hwm == 0)
 		o.stack_pool_hwm = 256;
 
-	zk_runtime_t *rt = calloc(1, sizeof(*rt));
+	zk_runtime_t *rt = aligned_alloc(64, (sizeof(*rt) + 63) & ~(size_t)63);
 	if (!rt)
 		return -ENOMEM;
+	memset(rt, 0, sizeof(*rt));
 	rt->opts = o;
 	rt->driver_vt = vt;
 	rt->nworkers = o.workers;

@@ -483,20 +483,49 @@ struct zk__switch {
 
 static void fiber_entry(zk_transfer_t t);
 
-/* Fold this worker's count of ended fibers into rt->live.  When it drops
- * to zero every fiber has ended: the workers leave. */
-static void flush_ended(struct zk__worker *w)
+/* Has every fiber of rt ended?  Each worker counts the fibers it spawned
+ * and the fibers that ended on it (owner-written, never decreasing), and
+ * spawns from outside the runtime are counted in rt->spawned_foreign.
+ * Ends are read before spawns: a fiber's spawn happens before its end
+ * (release/acquire through the run queues), so any end we count has its
+ * spawn counted too, and equal sums mean that at the moment between the
+ * two passes nothing was alive - and nothing alive can spawn any more.
+ * No shared counter is written per spawn or end. */
+static int all_ended(zk_runtime_t *rt)
 {
-	long n = w->ended;
-	if (n == 0)
+	uint64_t ended = 0, spawned = 0;
+	for (int i = 0; i < rt->nworkers; i++)
+		ended += atomic_load_explicit(&rt->workers[i].n_ended, memory_order_acquire);
+	zk__fence_seq_cst();
+	spawned = atomic_load_explicit(&rt->spawned_foreign, memory_order_acquire);
+	for (int i = 0; i < rt->nworkers; i++)
+		spawned += atomic_load_explicit(&rt->workers[i].n_spawned, memory_order_acquire);
+	return spawned == ended;
+}
+
+/* Called by an idle worker: if everything ended, tell all workers to leave. */
+static void check_all_ended(zk_runtime_t *rt)
+{
+	if (atomic_load_explicit(&rt->done, memory_order_relaxed) || !all_ended(rt))
 		return;
-	w->ended = 0;
-	zk_runtime_t *rt = w->rt;
-	if (atomic_fetch_sub_explicit(&rt->live, n, memory_order_acq_rel) == n) {
-		atomic_store_explicit(&rt->done, 1, memory_order_seq_cst);
-		zk__fence_seq_cst();
-		wake_all(rt);
-	}
+	atomic_store_explicit(&rt->done, 1, memory_order_seq_cst);
+	zk__fence_seq_cst();
+	wake_all(rt);
+}
+
+static inline void count_inc(_Atomic uint64_t *c)
+{
+	/* owner-only counter, published with release */
+	atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+			      memory_order_release);
+}
+
+void zk__count_spawn(zk_runtime_t *rt, struct zk__worker *w)
+{
+	if (w)
+		count_inc(&w->n_spawned);
+	else
+		atomic_fetch_add_explicit(&rt->spawned_foreign, 1, memory_order_acq_rel);
 }
 
 /* Record the end of f (ran to the end, or could never start) and wake its
@@ -510,11 +539,7 @@ static void fiber_ended(struct zk__worker *w, zk_fiber_t *f)
 		rec_free(f);
 	else if (j)
 		zk__waiter_wake(j);
-	/* Ends are counted in batches: an early "all ended" is impossible
-	 * (spawns are counted at once), a late one costs nothing, and the
-	 * batch is flushed before this worker looks for work elsewhere. */
-	if (++w->ended >= 64)
-		flush_ended(w);
+	count_inc(&w->n_ended); /* see all_ended() */
 }
 
 /* Bind a stack to a fiber about to run for the first time.  Returns 0 if
@@ -624,9 +649,24 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		 * its fields) on another worker. */
 		int cancellable = p->cancellable_park;
 		int hooked = atomic_load_explicit(&p->cancel_hook, memory_order_relaxed) != NULL;
-		atomic_store_explicit(&p->state, ZK__PARKED, memory_order_release);
-		if (publish(p, arg)) {
-			zk__unpark(p, 0);
+		/* PARKING while publish runs: a waker that finds p meanwhile
+		 * (publish may release a lock before it returns, and zk_cancel
+		 * needs no lock) only marks it WOKEN; p is scheduled here, once
+		 * publish is done with arg, which lives on p's stack. */
+		atomic_store_explicit(&p->state, ZK__PARKING, memory_order_release);
+		int settle = publish(p, arg) ? ZK__RUNNABLE : ZK__PARKED;
+		int expected = ZK__PARKING;
+		if (!atomic_compare_exchange_strong_explicit(&p->state, &expected, settle,
+							     memory_order_acq_rel, memory_order_acquire)) {
+			/* Woken during publish: the waker finishes its WAKING ->
+			 * WOKEN step (storing its reason) in a few instructions. */
+			while (atomic_load_explicit(&p->state, memory_order_acquire) != ZK__WOKEN)
+				cpu_relax();
+			settle = ZK__RUNNABLE;
+			atomic_store_explicit(&p->state, ZK__RUNNABLE, memory_order_relaxed);
+		}
+		if (settle == ZK__RUNNABLE) { /* no wait after all, or woken */
+			zk__schedule(p);
 			break;
 		}
 		if (!cancellable && !hooked)
@@ -729,13 +769,29 @@ int zk__park(const char *what, zk__publish_fn publish, void *arg, int flags)
 
 int zk__unpark(zk_fiber_t *f, int reason)
 {
-	int expected = ZK__PARKED;
-	if (!atomic_compare_exchange_strong_explicit(&f->state, &expected, ZK__RUNNABLE,
-						     memory_order_acq_rel, memory_order_relaxed))
-		return 0;
-	f->wake_reason = reason;
-	zk__schedule(f);
-	return 1;
+	int s = atomic_load_explicit(&f->state, memory_order_acquire);
+	for (;;) {
+		if (s == ZK__PARKED) {
+			if (atomic_compare_exchange_weak_explicit(&f->state, &s, ZK__RUNNABLE,
+								  memory_order_acq_rel,
+								  memory_order_acquire)) {
+				f->wake_reason = reason;
+				zk__schedule(f);
+				return 1;
+			}
+		} else if (s == ZK__PARKING) {
+			/* publish still runs: leave the scheduling to after_switch */
+			if (atomic_compare_exchange_weak_explicit(&f->state, &s, ZK__WAKING,
+								  memory_order_acq_rel,
+								  memory_order_acquire)) {
+				f->wake_reason = reason;
+				atomic_store_explicit(&f->state, ZK__WOKEN, memory_order_release);
+				return 1;
+			}
+		} else {
+			return 0;
+		}
+	}
 }
 
 /* ---- the worker loop ---------------------------------------------------- */
@@ -824,7 +880,10 @@ static zk_fiber_t *steal_phase(struct zk__worker *w)
 		if (!f && atomic_load_explicit(&w->inbox_n, memory_order_relaxed))
 			f = next_runnable(w);
 		if (!f) {
-			if (atomic_load_explicit(&rt->done, memory_order_relaxed))
+			/* Our own I/O completed: reap it (find_work) rather
+			 * than let it wait out the spin. */
+			if (atomic_load_explicit(&rt->done, memory_order_relaxed) ||
+			    zk__driver_ready(&w->driver))
 				break;
 			for (int i = 0; i < 32; i++)
 				cpu_relax();
@@ -912,7 +971,7 @@ static zk_fiber_t *find_work(struct zk__worker *w)
 		zk_fiber_t *f = next_runnable(w);
 		if (f)
 			return f;
-		flush_ended(w);
+		check_all_ended(rt);
 		if (atomic_load_explicit(&rt->done, memory_order_acquire))
 			return NULL;
 		if (fire_timers(w))
@@ -923,6 +982,8 @@ static zk_fiber_t *find_work(struct zk__worker *w)
 		f = steal_phase(w);
 		if (f)
 			return f;
+		if (zk__driver_ready(&w->driver) && zk__driver_poll(&w->driver, 0))
+			continue;
 		worker_sleep(w);
 	}
 }
@@ -1015,7 +1076,7 @@ int zk__sched_run(zk_runtime_t *rt)
 	int expected = 0;
 	if (!atomic_compare_exchange_strong(&rt->running, &expected, 1))
 		return -EBUSY;
-	atomic_store(&rt->done, atomic_load(&rt->live) == 0);
+	atomic_store(&rt->done, all_ended(rt));
 	int started = 1, rc = 0;
 	for (; started < rt->nworkers; started++) {
 		rc = -pthread_create(&rt->workers[started].thread, NULL, worker_main, &rt->workers[started]);
@@ -1089,6 +1150,9 @@ static const char *state_name(int s)
 	case ZK__RUNNABLE: return "runnable";
 	case ZK__RUNNING: return "running";
 	case ZK__PARKED: return "parked";
+	case ZK__PARKING: return "parking";
+	case ZK__WAKING:
+	case ZK__WOKEN: return "waking";
 	case ZK__DONE: return "done";
 	default: return "?";
 	}

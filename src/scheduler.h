@@ -51,7 +51,9 @@ struct zk__worker {
 	unsigned nfree;
 	uint64_t next_id, id_end;       /* block of fiber ids */
 	int spinning;
-	long ended;                     /* fibers ended here, not yet taken off rt->live */
+	/* Fibers spawned by / ended on this worker: owner-written, read by
+	 * idle workers to see whether everything ended (all_ended). */
+	_Atomic uint64_t n_spawned, n_ended;
 
 	/* Fibers that may not migrate, woken from another thread. */
 	pthread_mutex_t inbox_lock;
@@ -67,32 +69,38 @@ struct zk__worker {
 	_Atomic uint64_t st_run, st_steals, st_injector, st_parks, st_wakeups;
 } __attribute__((aligned(64)));
 
+/* Fields are grouped by who writes them, one cache line per group, so that
+ * e.g. a spinning worker's counter does not slow every spawn's update of
+ * live (false sharing).  Allocated 64-byte aligned (runtime.c). */
 struct zk_runtime {
+	/* read-mostly */
 	zk_runtime_opts_t opts;
 	const struct zk__driver_vt *driver_vt; /* backend chosen at create */
 	int nworkers;
 	struct zk__worker *workers;
-	struct zk__stack_pool pool;
+	_Atomic int running;
+	_Atomic int done;               /* every fiber ended: workers leave */
+	struct zk_runtime *next_rt;     /* registry for signal-triggered dumps */
 
-	pthread_mutex_t inj_lock;       /* global injector */
+	_Alignas(64) _Atomic uint64_t spawned_foreign; /* spawns from outside the runtime */
+
+	_Alignas(64) _Atomic int nspinning;
+
+	_Alignas(64) pthread_mutex_t inj_lock; /* global injector */
 	struct zk__fifo inj;
 	_Atomic long inj_len;
 
-	pthread_mutex_t idle_lock;      /* sleeping workers */
+	_Alignas(64) pthread_mutex_t idle_lock; /* sleeping workers */
 	struct zk__worker *idle;
 	_Atomic int nidle;
-	_Atomic int nspinning;
 
-	_Atomic long live;              /* fibers spawned and not yet ended */
-	_Atomic int running;
-	_Atomic int done;               /* live reached 0: workers leave */
-	_Atomic int foreign_wakers;     /* plain threads inside zk__schedule */
+	_Alignas(64) _Atomic int foreign_wakers; /* plain threads inside zk__schedule */
 
-	pthread_mutex_t rec_lock;       /* fiber records */
+	_Alignas(64) pthread_mutex_t rec_lock; /* fiber records */
 	struct zk__slab *slabs;
 	zk_fiber_t *rec_free;
 
-	struct zk_runtime *next_rt;     /* registry for signal-triggered dumps */
+	_Alignas(64) struct zk__stack_pool pool;
 };
 
 /* The worker running on the calling thread, or NULL.  Never inlined: a
@@ -105,6 +113,8 @@ struct zk__worker *zk__worker_self(void);
 void zk__schedule(zk_fiber_t *f);
 /* Queue a freshly spawned fiber. */
 void zk__schedule_new(zk_runtime_t *rt, struct zk__worker *w, zk_fiber_t *f);
+/* Count a spawn (w: the spawning worker of rt, or NULL from outside). */
+void zk__count_spawn(zk_runtime_t *rt, struct zk__worker *w);
 
 int zk__sched_init(zk_runtime_t *rt);
 void zk__sched_fini(zk_runtime_t *rt);

@@ -978,7 +978,7 @@ static void flood_run(struct flood *fl, zk_worker_stats_t st[2])
 
 START_TEST(test_spawn_flood_from_one_worker_is_spread_over_both)
 {
-	/* 10,000 spawns overflow the 256-slot deque: the other worker gets
+	/* 10,000 spawns overflow the deque (ZK__DEQUE_SIZE slots): the other worker gets
 	 * its share through stealing and through the global injector. */
 	struct flood fl;
 	memset(&fl, 0, sizeof(fl));
