@@ -150,6 +150,13 @@ ZK_API int zk_spawn(zk_fiber_t **out, zk_fiber_fn fn, void *arg);
 ZK_API int zk_spawn_ex(zk_runtime_t *rt, zk_fiber_t **out, zk_fiber_fn fn,
 		       void *arg, const zk_spawn_opts_t *opts);
 
+/* Like zk_spawn_ex, but the fiber starts on worker `worker` (0..workers-1)
+ * and stays there (it is pinned).  Any thread.  -EINVAL for a worker index
+ * out of range.  Useful to place fibers deliberately, e.g. to measure
+ * cross-worker communication. */
+ZK_API int zk_spawn_on(zk_runtime_t *rt, int worker, zk_fiber_t **out, zk_fiber_fn fn,
+		       void *arg, const zk_spawn_opts_t *opts);
+
 /* Wait for f to end and release the handle.  Parks a fiber, blocks a plain
  * thread.  *result (if not NULL) gets the fiber's return value (or the value
  * given to zk_exit).  Returns 0; -EDEADLK when a fiber joins itself; -EAGAIN
@@ -257,6 +264,10 @@ ZK_API int64_t zk_deadline_get(void);
  *     or once (the ZK_*_INIT initialisers) is ready to use; semaphores, wait
  *     groups and barriers need their init call.  Destroy calls only check
  *     (-EBUSY while held or waited on): they free nothing.
+ *   - Free an object (or destroy a channel) only once no call on it is in
+ *     progress in any fiber or thread.  A call that was woken by another
+ *     party's release never touches the object again, so e.g. the last
+ *     sender may free a channel as soon as its send has returned.
  */
 
 typedef struct zk_mutex { uint64_t opaque_[4]; } zk_mutex_t;

@@ -63,65 +63,21 @@ static int run_main(int workers, zk_fiber_fn fn, void *a)
 
 /* ---- placement: one pinned fiber per worker --------------------------------
  *
- * A pinned fiber stays on the worker it first runs on, but spawn cannot
- * choose that worker.  So spawn pinned candidates; each reports where it
- * landed and waits to be told whether it is kept.  Idle workers steal new
- * fibers, so a candidate lands on the missing worker within a few tries. */
-
-struct placed {
-	zk_chan_t *report;      /* candidate -> placer: worker index */
-	zk_chan_t *verdict;     /* placer -> candidate: 1 keep, 0 quit */
-	zk_fiber_fn fn;         /* what a kept fiber runs */
-	void *arg;
-};
-
-static void *candidate(void *a)
-{
-	struct placed *p = a;
-	zk_fiber_fn fn = p->fn; /* p is gone once the verdict is in */
-	void *arg = p->arg;
-	zk_chan_t *verdict = p->verdict;
-	int idx = zk_worker_index(), keep = 0;
-	zk_chan_send(p->report, &idx);
-	zk_chan_recv(verdict, &keep);
-	return keep ? fn(arg) : NULL;
-}
+ * zk_spawn_on starts a fiber on a given worker and keeps it there. */
 
 /* Spawn fn(arg) pinned to a worker other than `avoid` (-1: any); returns
  * its handle, and in *where the worker it runs on. */
 static zk_fiber_t *spawn_placed(zk_fiber_fn fn, void *arg, int avoid, int *where)
 {
-	struct placed p = { NULL, NULL, fn, arg };
-	zk_chan_create(&p.report, sizeof(int), 0);
-	zk_chan_create(&p.verdict, sizeof(int), 0);
+	int n = zk_runtime_stats(zk_runtime_current(), NULL, 0);
+	int target = avoid < 0 ? (n > 1 ? 1 : 0) : (avoid + 1) % n;
 	zk_spawn_opts_t so = { "placed", 1 };
-	zk_fiber_t *kept = NULL;
-	for (int tries = 0; !kept; tries++) {
-		zk_fiber_t *f;
-		int rc = zk_spawn_ex(NULL, &f, candidate, &p, &so);
-		if (rc)
-			die("zk_spawn_ex", rc);
-		int idx, keep;
-		zk_chan_recv(p.report, &idx);
-		keep = idx != avoid;
-		zk_chan_send(p.verdict, &keep);
-		if (keep) {
-			kept = f;
-			*where = idx;
-		} else {
-			zk_join(f, NULL);
-			if (tries > 1000) {
-				fprintf(stderr, "zk_bench: could not place a fiber off worker %d\n", avoid);
-				exit(1);
-			}
-			zk_sleep_ns(100000);
-		}
-	}
-	/* The kept fiber copied what it needs from p before reporting, and
-	 * its receive of the verdict is complete: the channels can go. */
-	zk_chan_destroy(p.report);
-	zk_chan_destroy(p.verdict);
-	return kept;
+	zk_fiber_t *f;
+	int rc = zk_spawn_on(NULL, target, &f, fn, arg, &so);
+	if (rc)
+		die("zk_spawn_on", rc);
+	*where = target;
+	return f;
 }
 
 /* ---- chan_pingpong ------------------------------------------------------------ */

@@ -37,13 +37,14 @@ int zk_worker_index(void)
 	return w ? w->index : -1;
 }
 
-int zk_spawn_ex(zk_runtime_t *rt, zk_fiber_t **out, zk_fiber_fn fn, void *arg,
-		const zk_spawn_opts_t *opts)
+/* on_worker: -1, or the worker the fiber must start on (and stay on). */
+static int spawn(zk_runtime_t *rt, int on_worker, zk_fiber_t **out, zk_fiber_fn fn, void *arg,
+		 const zk_spawn_opts_t *opts)
 {
 	struct zk__worker *w = zk__worker_self();
 	if (!rt)
 		rt = w ? w->rt : NULL;
-	if (!rt || !fn)
+	if (!rt || !fn || on_worker >= rt->nworkers)
 		return -EINVAL;
 	if (w && w->rt != rt)
 		w = NULL; /* a worker of another runtime spawns like a plain thread */
@@ -70,8 +71,30 @@ int zk_spawn_ex(zk_runtime_t *rt, zk_fiber_t **out, zk_fiber_fn fn, void *arg,
 	else
 		atomic_store_explicit(&f->joiner, ZK__JOIN_DETACHED, memory_order_relaxed);
 	zk__count_spawn(rt, w);
-	zk__schedule_new(rt, w, f);
+	if (on_worker >= 0) {
+		/* pinned before it starts: it only ever sits in that worker's
+		 * own queues, never in a stealable one */
+		f->pinned = 1;
+		f->home = (int16_t)on_worker;
+		zk__schedule(f);
+	} else {
+		zk__schedule_new(rt, w, f);
+	}
 	return 0;
+}
+
+int zk_spawn_ex(zk_runtime_t *rt, zk_fiber_t **out, zk_fiber_fn fn, void *arg,
+		const zk_spawn_opts_t *opts)
+{
+	return spawn(rt, -1, out, fn, arg, opts);
+}
+
+int zk_spawn_on(zk_runtime_t *rt, int worker, zk_fiber_t **out, zk_fiber_fn fn, void *arg,
+		const zk_spawn_opts_t *opts)
+{
+	if (worker < 0)
+		return -EINVAL;
+	return spawn(rt, worker, out, fn, arg, opts);
 }
 
 int zk_spawn(zk_fiber_t **out, zk_fiber_fn fn, void *arg)

@@ -51,7 +51,7 @@
 
 #define ZK__FAIR_TICK 61
 #define ZK__LIFO_MAX 3
-#define ZK__SPIN_ROUNDS 64
+#define ZK__SPIN_NS 50000 /* an idle worker spins this long before sleeping */
 #define ZK__STEAL_MAX 32
 #define ZK__FREE_MAX 1024
 #define ZK__ID_BLOCK 1024
@@ -227,14 +227,28 @@ static zk_fiber_t *injector_pop(struct zk__worker *w)
 	return first;
 }
 
+/* Move the fibers other threads pushed into this worker's inbox (a
+ * lock-free stack, newest first) to the local FIFO, oldest first. */
 static void drain_inbox(struct zk__worker *w)
 {
-	pthread_mutex_lock(&w->inbox_lock);
-	zk_fiber_t *f;
-	while ((f = fifo_pop(&w->inbox)))
-		fifo_push(&w->local, f);
-	atomic_store_explicit(&w->inbox_n, 0, memory_order_relaxed);
-	pthread_mutex_unlock(&w->inbox_lock);
+	zk_fiber_t *f = atomic_exchange_explicit(&w->inbox, NULL, memory_order_acquire);
+	zk_fiber_t *rev = NULL;
+	while (f) {
+		zk_fiber_t *next = f->next;
+		f->next = rev;
+		rev = f;
+		f = next;
+	}
+	while (rev) {
+		zk_fiber_t *next = rev->next;
+		fifo_push(&w->local, rev);
+		rev = next;
+	}
+}
+
+static inline int inbox_nonempty(struct zk__worker *w, memory_order mo)
+{
+	return atomic_load_explicit(&w->inbox, mo) != NULL;
 }
 
 /* Give w a wake-up token; only the first token since w last took one
@@ -245,34 +259,38 @@ static void unpark_worker(struct zk__worker *w)
 		zk__driver_wake(&w->driver);
 }
 
-/* Wake w if it sleeps (for its own inbox). */
-static void wake_worker(struct zk__worker *w)
+/* Take w off the idle list if it is still on it; returns whether it was. */
+static int idle_remove(zk_runtime_t *rt, struct zk__worker *w)
 {
-	zk_runtime_t *rt = w->rt;
 	int was_idle = 0;
 	pthread_mutex_lock(&rt->idle_lock);
-	if (w->idle) {
+	if (atomic_load_explicit(&w->idle, memory_order_relaxed)) {
 		struct zk__worker **pp = &rt->idle;
 		while (*pp != w)
 			pp = &(*pp)->next_idle;
 		*pp = w->next_idle;
-		w->idle = 0;
+		atomic_store_explicit(&w->idle, 0, memory_order_relaxed);
 		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
 		was_idle = 1;
 	}
 	pthread_mutex_unlock(&rt->idle_lock);
-	if (was_idle)
-		unpark_worker(w);
+	return was_idle;
 }
 
+/* Push a fiber that may only run on `home` into its inbox and wake home if
+ * it sleeps.  The push and home's "idle" flag form the usual Dekker pair
+ * with worker_sleep (flag, fence, look at the inbox): no lost wake-up, and
+ * no lock at all when home is awake. */
 static void inbox_push(struct zk__worker *home, zk_fiber_t *f)
 {
-	pthread_mutex_lock(&home->inbox_lock);
-	fifo_push(&home->inbox, f);
-	atomic_store_explicit(&home->inbox_n, 1, memory_order_seq_cst);
-	pthread_mutex_unlock(&home->inbox_lock);
+	zk_fiber_t *head = atomic_load_explicit(&home->inbox, memory_order_relaxed);
+	do
+		f->next = head;
+	while (!atomic_compare_exchange_weak_explicit(&home->inbox, &head, f, memory_order_seq_cst,
+						      memory_order_relaxed));
 	zk__fence_seq_cst();
-	wake_worker(home);
+	if (atomic_load_explicit(&home->idle, memory_order_seq_cst) && idle_remove(home->rt, home))
+		unpark_worker(home);
 }
 
 static void wake_one(zk_runtime_t *rt)
@@ -285,7 +303,7 @@ static void wake_one(zk_runtime_t *rt)
 	struct zk__worker *w = rt->idle;
 	if (w) {
 		rt->idle = w->next_idle;
-		w->idle = 0;
+		atomic_store_explicit(&w->idle, 0, memory_order_relaxed);
 		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
 	}
 	pthread_mutex_unlock(&rt->idle_lock);
@@ -302,7 +320,7 @@ static void wake_all(zk_runtime_t *rt)
 	rt->idle = NULL;
 	while (w) {
 		struct zk__worker *next = w->next_idle;
-		w->idle = 0;
+		atomic_store_explicit(&w->idle, 0, memory_order_relaxed);
 		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
 		unpark_worker(w);
 		w = next;
@@ -577,7 +595,7 @@ static int fire_timers(struct zk__worker *w)
 static zk_fiber_t *pick(struct zk__worker *w)
 {
 	zk_fiber_t *f;
-	if (atomic_load_explicit(&w->inbox_n, memory_order_relaxed))
+	if (inbox_nonempty(w, memory_order_relaxed))
 		drain_inbox(w);
 	/* A busy worker looks at its timers every 16th pick; an idle one
 	 * always does before it steals or sleeps (find_work). */
@@ -846,7 +864,7 @@ static zk_fiber_t *steal_round(struct zk__worker *w)
 static int work_visible(zk_runtime_t *rt, struct zk__worker *w)
 {
 	if (atomic_load_explicit(&rt->inj_len, memory_order_seq_cst) ||
-	    atomic_load_explicit(&w->inbox_n, memory_order_seq_cst))
+	    inbox_nonempty(w, memory_order_seq_cst))
 		return 1;
 	for (int i = 0; i < rt->nworkers; i++)
 		if (zk__deque_size(&rt->workers[i].dq))
@@ -861,6 +879,28 @@ static zk_fiber_t *next_prepared_or_stolen(struct zk__worker *w, zk_fiber_t *f)
 	return f;
 }
 
+/* Become one of the spinning workers if fewer than half of them spin.
+ * When the slots are taken, wait a moment before giving up: a spinner that
+ * just found work leaves its slot within a few hundred nanoseconds, and
+ * going to sleep instead turns the next wake-up of this worker into a
+ * system call (this is what makes cross-worker ping-pong fast). */
+static int spin_slot_claim(zk_runtime_t *rt)
+{
+	int limit = rt->nworkers / 2 > 0 ? rt->nworkers / 2 : 1;
+	for (int i = 0; i < 256; i++) {
+		int s = atomic_load_explicit(&rt->nspinning, memory_order_relaxed);
+		if (s < limit) {
+			if (atomic_compare_exchange_weak_explicit(&rt->nspinning, &s, s + 1,
+								  memory_order_seq_cst,
+								  memory_order_relaxed))
+				return 1;
+		} else {
+			cpu_relax();
+		}
+	}
+	return 0;
+}
+
 /* Spin a while looking for work to steal.  At most half of the workers spin
  * at once; a worker over that limit still makes one steal round. */
 static zk_fiber_t *steal_phase(struct zk__worker *w)
@@ -868,26 +908,31 @@ static zk_fiber_t *steal_phase(struct zk__worker *w)
 	zk_runtime_t *rt = w->rt;
 	if (rt->nworkers == 1)
 		return NULL;
-	int spinners = atomic_load_explicit(&rt->nspinning, memory_order_relaxed);
-	if (2 * spinners >= rt->nworkers)
+	if (!spin_slot_claim(rt))
 		return next_prepared_or_stolen(w, steal_round(w));
-	atomic_fetch_add_explicit(&rt->nspinning, 1, memory_order_seq_cst);
 	zk_fiber_t *f = NULL;
-	for (int round = 0; round < ZK__SPIN_ROUNDS && !f; round++) {
-		f = steal_round(w);
-		if (!f)
-			f = injector_pop(w);
-		if (!f && atomic_load_explicit(&w->inbox_n, memory_order_relaxed))
+	/* Time-bounded: each pass looks at this worker's inbox (where a fiber
+	 * pinned here is woken), every 8th also steals and polls the
+	 * injector; the clock is read every 64th pass. */
+	int64_t until = zk__now() + ZK__SPIN_NS;
+	for (unsigned pass = 0; !f; pass++) {
+		if (inbox_nonempty(w, memory_order_relaxed))
 			f = next_runnable(w);
-		if (!f) {
-			/* Our own I/O completed: reap it (find_work) rather
-			 * than let it wait out the spin. */
-			if (atomic_load_explicit(&rt->done, memory_order_relaxed) ||
-			    zk__driver_ready(&w->driver))
-				break;
-			for (int i = 0; i < 32; i++)
-				cpu_relax();
+		if (!f && (pass & 7) == 0) {
+			f = steal_round(w);
+			if (!f)
+				f = injector_pop(w);
 		}
+		if (f)
+			break;
+		/* Our own I/O completed: reap it (find_work) rather than let it
+		 * wait out the spin. */
+		if (atomic_load_explicit(&rt->done, memory_order_relaxed) ||
+		    zk__driver_ready(&w->driver))
+			break;
+		cpu_relax();
+		if ((pass & 63) == 63 && zk__now() > until)
+			break;
 	}
 	int last = atomic_fetch_sub_explicit(&rt->nspinning, 1, memory_order_seq_cst) == 1;
 	/* The last spinner found work: if there is more, someone else should
@@ -918,24 +963,14 @@ static void worker_wait(struct zk__worker *w, int64_t timeout_ns)
 /* Take w off the idle list if a waker has not already done so. */
 static void idle_leave(struct zk__worker *w)
 {
-	zk_runtime_t *rt = w->rt;
-	pthread_mutex_lock(&rt->idle_lock);
-	if (w->idle) {
-		struct zk__worker **pp = &rt->idle;
-		while (*pp != w)
-			pp = &(*pp)->next_idle;
-		*pp = w->next_idle;
-		w->idle = 0;
-		atomic_fetch_sub_explicit(&rt->nidle, 1, memory_order_seq_cst);
-	}
-	pthread_mutex_unlock(&rt->idle_lock);
+	idle_remove(w->rt, w);
 }
 
 static void worker_sleep(struct zk__worker *w)
 {
 	zk_runtime_t *rt = w->rt;
 	pthread_mutex_lock(&rt->idle_lock);
-	w->idle = 1;
+	atomic_store_explicit(&w->idle, 1, memory_order_seq_cst);
 	w->next_idle = rt->idle;
 	rt->idle = w;
 	atomic_fetch_add_explicit(&rt->nidle, 1, memory_order_seq_cst);
@@ -1051,7 +1086,6 @@ int zk__sched_init(zk_runtime_t *rt)
 		w->rt = rt;
 		w->index = i;
 		w->rng = 0x9e3779b9u * (uint32_t)(i + 1);
-		pthread_mutex_init(&w->inbox_lock, NULL);
 		zk__timers_init(&w->timers);
 		int rc = zk__driver_init(&w->driver, w, rt->driver_vt);
 		if (rc) {
@@ -1104,7 +1138,6 @@ void zk__sched_fini(zk_runtime_t *rt)
 	for (int i = 0; i < rt->nworkers; i++) {
 		struct zk__worker *w = &rt->workers[i];
 		zk__stack_cache_flush(&rt->pool, &w->stacks);
-		pthread_mutex_destroy(&w->inbox_lock);
 		zk__timers_fini(&w->timers);
 		zk__driver_fini(&w->driver);
 	}

@@ -55,14 +55,13 @@ struct zk__worker {
 	 * idle workers to see whether everything ended (all_ended). */
 	_Atomic uint64_t n_spawned, n_ended;
 
-	/* Fibers that may not migrate, woken from another thread. */
-	pthread_mutex_t inbox_lock;
-	struct zk__fifo inbox;
-	_Atomic int inbox_n;
+	/* Fibers that may not migrate, woken by another thread: a lock-free
+	 * stack pushed by anyone, emptied by the owner. */
+	_Atomic(zk_fiber_t *) inbox;
 
-	/* Sleeping: a token word for futex wait/wake. */
+	/* Sleeping: a token word for the wake-up. */
 	_Atomic uint32_t parker;
-	int idle;                       /* on the runtime's idle list (idle_lock) */
+	_Atomic int idle;               /* on the runtime's idle list (written under idle_lock) */
 	struct zk__worker *next_idle;
 
 	/* Statistics: written by the owner only, read by anyone. */
