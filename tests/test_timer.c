@@ -171,7 +171,7 @@ static void *accuracy_main(void *arg)
 		ck_assert_int_eq(zk_sleep_ns(2 * MS), 0);
 		int64_t el = zk_now_ns() - t0;
 		ck_assert_int_ge(el, 2 * MS);
-		ck_assert_int_lt(el, 2 * MS + 50 * MS); /* sanity on shared cores */
+		ck_assert_int_lt(el, 2 * MS + 200 * MS); /* sanity on shared, loaded cores */
 	}
 	ck_assert_int_eq(zk_sleep_ns(0), 0);
 	ck_assert_int_eq(zk_sleep_until(zk_now_ns() - MS), 0);
