@@ -195,7 +195,15 @@ int zk_fiber_set_name(zk_fiber_t *f, const char *name)
 {
 	if (!f || !name)
 		return -EINVAL;
-	size_t n = strnlen(name, sizeof(f->name) - 1);
+	/* The buffer, once there, stays until the record is freed: a dump
+	 * running meanwhile reads a name being rewritten, never a freed one. */
+	if (!f->name) {
+		f->name = malloc(ZK__NAME_MAX);
+		if (!f->name)
+			return -ENOMEM;
+		f->name[ZK__NAME_MAX - 1] = 0;
+	}
+	size_t n = strnlen(name, ZK__NAME_MAX - 1);
 	memcpy(f->name, name, n);
 	f->name[n] = 0;
 	return 0;
@@ -203,7 +211,7 @@ int zk_fiber_set_name(zk_fiber_t *f, const char *name)
 
 const char *zk_fiber_name(const zk_fiber_t *f)
 {
-	return f ? f->name : "";
+	return f && f->name ? f->name : "";
 }
 
 int zk_cancel(zk_fiber_t *f)

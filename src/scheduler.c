@@ -374,6 +374,11 @@ void zk__sched_quiesce(zk_runtime_t *rt)
 
 /* ---- fiber records ------------------------------------------------------ */
 
+#if !defined(ZK_ASAN) && !defined(ZK_TSAN) && UINTPTR_MAX == UINT64_MAX
+/* The cost of a queued fiber (perf: mem_queued); see the layout in fiber.h. */
+_Static_assert(sizeof(zk_fiber_t) == 128, "the fiber record grew past 128 bytes");
+#endif
+
 #define ZK__SLAB_RECS 256
 
 /* Refill a worker's (or, w == NULL, take one from the global) free list. */
@@ -450,13 +455,15 @@ zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt, struct zk__worker *w)
 	f->err = 0;
 	f->waiting_on = NULL;
 	f->tls = NULL;
-	f->name[0] = 0;
+	f->name = NULL;
 	atomic_store_explicit(&f->state, ZK__NEW, memory_order_relaxed);
 	return f;
 }
 
 static void rec_free(zk_fiber_t *f)
 {
+	free(f->name);
+	f->name = NULL;
 	zk_runtime_t *rt = f->rt;
 	atomic_store_explicit(&f->state, ZK__FREE, memory_order_relaxed);
 	struct zk__worker *w = zk__worker_self();
@@ -512,6 +519,7 @@ static void fiber_entry(zk_transfer_t t);
 static int all_ended(zk_runtime_t *rt)
 {
 	uint64_t ended = 0, spawned = 0;
+	zk__fence_seq_cst(); /* our own last count_inc before the others' loads */
 	for (int i = 0; i < rt->nworkers; i++)
 		ended += atomic_load_explicit(&rt->workers[i].n_ended, memory_order_acquire);
 	zk__fence_seq_cst();
@@ -521,9 +529,17 @@ static int all_ended(zk_runtime_t *rt)
 	return spawned == ended;
 }
 
-/* Called by an idle worker: if everything ended, tell all workers to leave. */
-static void check_all_ended(zk_runtime_t *rt)
+/* Called by an idle worker: if everything ended, tell all workers to leave.
+ * Only a worker that ended fibers since its last look needs to look: the
+ * last fiber to end ends on some worker, and two workers whose last ends
+ * race both look (count, fence, read the others), so one sees both. */
+static void check_all_ended(struct zk__worker *w)
 {
+	zk_runtime_t *rt = w->rt;
+	uint64_t e = atomic_load_explicit(&w->n_ended, memory_order_relaxed);
+	if (e == w->ended_checked)
+		return;
+	w->ended_checked = e;
 	if (atomic_load_explicit(&rt->done, memory_order_relaxed) || !all_ended(rt))
 		return;
 	atomic_store_explicit(&rt->done, 1, memory_order_seq_cst);
@@ -572,6 +588,7 @@ static int fiber_prepare(struct zk__worker *w, zk_fiber_t *f)
 		rc = zk__stack_get(&w->rt->pool, &w->stacks, &f->stack);
 	if (rc != 0) {
 		f->err = rc;
+		f->result = NULL;
 		fiber_ended(w, f);
 		return 0;
 	}
@@ -1006,7 +1023,7 @@ static zk_fiber_t *find_work(struct zk__worker *w)
 		zk_fiber_t *f = next_runnable(w);
 		if (f)
 			return f;
-		check_all_ended(rt);
+		check_all_ended(w);
 		if (atomic_load_explicit(&rt->done, memory_order_acquire))
 			return NULL;
 		if (fire_timers(w))
@@ -1149,6 +1166,7 @@ void zk__sched_fini(zk_runtime_t *rt)
 			if (f->stack)
 				zk__stack_put(&rt->pool, NULL, f->stack);
 			free(f->tls);
+			free(f->name);
 		}
 		free(s);
 		s = next;
@@ -1209,8 +1227,9 @@ int zk_runtime_dump(zk_runtime_t *rt, int fd)
 			int st = atomic_load_explicit(&f->state, memory_order_relaxed);
 			if (st == ZK__FREE || st == ZK__DONE)
 				continue;
-			char name[sizeof(f->name)];
-			memcpy(name, f->name, sizeof(name));
+			char name[ZK__NAME_MAX] = "";
+			if (f->name)
+				memcpy(name, f->name, sizeof(name));
 			name[sizeof(name) - 1] = 0;
 			const char *what = f->waiting_on;
 			int len = snprintf(line, sizeof(line), "fiber %llu%s%s%s %s%s%s worker %d\n",

@@ -54,6 +54,7 @@ struct zk__worker {
 	/* Fibers spawned by / ended on this worker: owner-written, read by
 	 * idle workers to see whether everything ended (all_ended). */
 	_Atomic uint64_t n_spawned, n_ended;
+	uint64_t ended_checked;         /* n_ended at our last all_ended() look */
 
 	/* Fibers that may not migrate, woken by another thread: a lock-free
 	 * stack pushed by anyone, emptied by the owner. */
