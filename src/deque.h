@@ -67,7 +67,8 @@ static inline void zk__deque_init(struct zk__deque *d)
 		atomic_init(&d->slot[i], NULL);
 }
 
-/* Owner only.  Returns 0, or -1 when full. */
+/* Owner only.  Returns how many items the deque held before (as far as the
+ * owner could tell: thieves may have taken some since), or -1 when full. */
 static inline int zk__deque_push(struct zk__deque *d, struct zk_fiber *f)
 {
 	int64_t b = atomic_load_explicit(&d->bottom, ZK__DQ_RELAXED);
@@ -77,7 +78,7 @@ static inline int zk__deque_push(struct zk__deque *d, struct zk_fiber *f)
 	atomic_store_explicit(&d->slot[b & (ZK__DEQUE_SIZE - 1)], f, ZK__DQ_RELAXED);
 	ZK__DQ_RELEASE_FENCE();
 	atomic_store_explicit(&d->bottom, b + 1, ZK__DQ_RELAXED);
-	return 0;
+	return b > t ? (int)(b - t) : 0;
 }
 
 /* Owner only.  The most recently pushed fiber, or NULL. */

@@ -169,7 +169,8 @@ static void push_runnable(struct zk__worker *w, zk_fiber_t *f)
 		fifo_push(&w->local, f);
 		return;
 	}
-	if (zk__deque_push(&w->dq, f) != 0) {
+	int before = zk__deque_push(&w->dq, f);
+	if (before < 0) {
 		/* Full: move half of the deque to the injector, oldest first. */
 		zk_runtime_t *rt = w->rt;
 		pthread_mutex_lock(&rt->inj_lock);
@@ -185,10 +186,15 @@ static void push_runnable(struct zk__worker *w, zk_fiber_t *f)
 			atomic_fetch_add_explicit(&rt->inj_len, 1, memory_order_seq_cst);
 		}
 		pthread_mutex_unlock(&rt->inj_lock);
-		if (zk__deque_push(&w->dq, f) != 0)
+		if (zk__deque_push(&w->dq, f) < 0)
 			injector_push(rt, f);
+		before = 0;
 	}
-	if (w->rt->nworkers > 1)
+	/* Only the first fiber in an empty deque wakes a sleeper (if nobody
+	 * spins).  Later pushes need not: that worker, once up, steals half,
+	 * and re-checks every deque before it sleeps again.  And this owner is
+	 * awake and takes from its own deque anyway, so nothing is stranded. */
+	if (before == 0 && w->rt->nworkers > 1)
 		wake_one(w->rt);
 }
 
@@ -210,7 +216,7 @@ static zk_fiber_t *injector_pop(struct zk__worker *w)
 		zk_fiber_t *f = fifo_pop(&rt->inj);
 		if (!first)
 			first = f;
-		else if (zk__deque_push(&w->dq, f) != 0) {
+		else if (zk__deque_push(&w->dq, f) < 0) {
 			/* no room: leave the rest where it was */
 			f->next = rt->inj.head;
 			rt->inj.head = f;
@@ -619,9 +625,9 @@ static zk_fiber_t *pick(struct zk__worker *w)
 	if ((w->tick & 15) == 15)
 		fire_timers(w);
 	if (++w->tick % ZK__FAIR_TICK == 0) {
-		/* A busy worker flushes its batched submissions and reaps
-		 * completions once per fairness round too. */
-		zk__driver_poll(&w->driver, 0);
+		/* A busy worker flushes its batched submissions once per
+		 * fairness round too (and now and then reaps: driver.h). */
+		zk__driver_tick(&w->driver);
 		/* alternate which of the two starvable queues goes first */
 		if ((w->tick / ZK__FAIR_TICK) & 1) {
 			if ((f = fifo_pop(&w->local)) || (f = injector_pop(w)))
@@ -855,7 +861,7 @@ static zk_fiber_t *steal_from(struct zk__worker *w, struct zk__worker *v)
 		stat_inc(&w->st_steals);
 		if (!first)
 			first = f;
-		else if (zk__deque_push(&w->dq, f) != 0)
+		else if (zk__deque_push(&w->dq, f) < 0)
 			injector_push(w->rt, f);
 		n--;
 	}

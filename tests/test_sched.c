@@ -344,7 +344,7 @@ START_TEST(test_deque_push_take_steal_edges)
 	ck_assert_ptr_null(zk__deque_steal(&d));
 	for (int round = 0; round < 5; round++) { /* indices wrap around the ring */
 		for (int i = 0; i < ZK__DEQUE_SIZE; i++)
-			ck_assert_int_eq(zk__deque_push(&d, DQ_ITEM(i)), 0);
+			ck_assert_int_eq(zk__deque_push(&d, DQ_ITEM(i)), i); /* items held before */
 		ck_assert_int_eq(zk__deque_push(&d, DQ_ITEM(999)), -1); /* full */
 		ck_assert_int_eq(zk__deque_size(&d), ZK__DEQUE_SIZE);
 		ck_assert_ptr_eq(zk__deque_steal(&d), DQ_ITEM(0));   /* thieves: oldest */
@@ -425,7 +425,7 @@ START_TEST(test_deque_every_item_taken_exactly_once_with_two_thieves)
 		rng = rng * 1103515245u + 12345u;
 		int burst = (int)((rng >> 16) % 64) + 1;
 		for (int j = 0; j < burst && next < t->n; j++) {
-			if (zk__deque_push(&t->dq, DQ_ITEM(next)) != 0) {
+			if (zk__deque_push(&t->dq, DQ_ITEM(next)) < 0) {
 				full++;
 				break;
 			}
