@@ -31,6 +31,7 @@ struct ep {
 	int epfd;
 	struct ep_slot *slots;
 	int nslots;
+	int nstash;                    /* events taken by ready(), not yet handled */
 	struct epoll_event evs[EP__EVENTS];
 };
 
@@ -163,15 +164,20 @@ static int wake_all_of(struct zk__driver *d, struct zk__op **head)
 static int ep_poll(struct zk__driver *d, int64_t timeout_ns)
 {
 	struct ep *ep = d->impl;
-	int ms = 0;
-	if (timeout_ns < 0)
-		ms = -1;
-	else if (timeout_ns > 0)
-		ms = (int)((timeout_ns + 999999) / 1000000 > 86400000 ? 86400000
-								   : (timeout_ns + 999999) / 1000000);
-	int n = epoll_wait(ep->epfd, ep->evs, EP__EVENTS, ms);
-	if (n < 0)
-		return 0; /* EINTR: the caller looks again */
+	int n = ep->nstash;
+	ep->nstash = 0;
+	if (n == 0) {
+		int ms = 0;
+		if (timeout_ns < 0)
+			ms = -1;
+		else if (timeout_ns > 0)
+			ms = (int)((timeout_ns + 999999) / 1000000 > 86400000
+					   ? 86400000
+					   : (timeout_ns + 999999) / 1000000);
+		n = epoll_wait(ep->epfd, ep->evs, EP__EVENTS, ms);
+		if (n < 0)
+			return 0; /* EINTR: the caller looks again */
+	}
 	int woken = 0;
 	for (int i = 0; i < n; i++) {
 		uint64_t tag = ep->evs[i].data.u64;
@@ -202,6 +208,19 @@ static int ep_poll(struct zk__driver *d, int64_t timeout_ns)
 	return woken;
 }
 
+/* Readiness cannot be seen from user space: look with a zero-timeout
+ * epoll_wait, and keep what it found for the next poll().  Only when some
+ * fiber waits here (a spinning worker calls this once per spin round). */
+static int ep_ready(struct zk__driver *d)
+{
+	struct ep *ep = d->impl;
+	if (ep->nstash == 0 && d->nops > 0) {
+		int n = epoll_wait(ep->epfd, ep->evs, EP__EVENTS, 0);
+		ep->nstash = n > 0 ? n : 0;
+	}
+	return ep->nstash > 0;
+}
+
 static void ep_wake(struct zk__driver *d)
 {
 	uint64_t one = 1;
@@ -218,4 +237,5 @@ const struct zk__driver_vt zk__driver_epoll = {
 	.cancel = ep_cancel,
 	.poll = ep_poll,
 	.wake = ep_wake,
+	.ready = ep_ready,
 };

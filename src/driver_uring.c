@@ -30,6 +30,7 @@
 
 #define UR__ENTRIES 256
 #define UR__CQ_ENTRIES 4096
+#define UR__REAP_MAX 128
 #define UR__TAG_IGNORE 0  /* completions of cancel requests */
 #define UR__TAG_WAKE 1    /* the eventfd read */
 
@@ -39,9 +40,16 @@ struct ur {
 	unsigned setup_flags;
 };
 
+/* TASKRUN_FLAG: the kernel raises IORING_SQ_TASKRUN when completion work
+ * is waiting for us to enter the ring (always so under DEFER_TASKRUN), so
+ * ready() and poll(0) can tell from user space whether entering would
+ * find anything. */
 static const unsigned setup_flag_sets[] = {
-	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL,
-	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL,
+	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL |
+		IORING_SETUP_TASKRUN_FLAG,
+	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL |
+		IORING_SETUP_TASKRUN_FLAG,
+	IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
 	IORING_SETUP_COOP_TASKRUN,
 	0,
 };
@@ -115,6 +123,9 @@ static int ur_start(struct zk__driver *d)
 	 * shadow still holds the old owner thread's accesses.  Order every
 	 * ring's life after every earlier one's end. */
 	zk__tsan_acquire(&ring_lifetimes);
+	/* Enter through a registered ring fd: no file lookup per
+	 * io_uring_enter (kernels without it just say no). */
+	io_uring_register_ring_fd(&ur->ring);
 	arm_wake(d, ur);
 	d->impl = ur;
 	return 0;
@@ -204,12 +215,17 @@ static void ur_cancel(struct zk__driver *d, struct zk__op *op)
 	io_uring_sqe_set_data64(sqe, UR__TAG_IGNORE);
 }
 
+/* Complete what the completion queue holds, oldest first, but at most
+ * UR__REAP_MAX ops: the woken fibers go to the worker's deque (256 slots),
+ * and the rest wait, in order, for the next poll. */
 static int reap(struct zk__driver *d, struct ur *ur)
 {
 	struct io_uring_cqe *cqe;
 	unsigned head, seen = 0;
 	int woken = 0, rearm = 0;
 	io_uring_for_each_cqe(&ur->ring, head, cqe) {
+		if (woken == UR__REAP_MAX)
+			break;
 		seen++;
 		uint64_t tag = io_uring_cqe_get_data64(cqe);
 		if (tag == UR__TAG_IGNORE)
@@ -227,13 +243,29 @@ static int reap(struct zk__driver *d, struct ur *ur)
 	return woken;
 }
 
+/* Completion work is waiting for us in the kernel: with DEFER_TASKRUN (or
+ * COOP_TASKRUN) finished ops are only posted when we enter the ring. */
+static inline int taskrun_pending(const struct ur *ur)
+{
+	return (ur->setup_flags & IORING_SETUP_TASKRUN_FLAG) &&
+	       (IO_URING_READ_ONCE(*ur->ring.sq.kflags) & IORING_SQ_TASKRUN);
+}
+
+static int ur_ready(struct zk__driver *d)
+{
+	struct ur *ur = d->impl;
+	return io_uring_cq_ready(&ur->ring) || taskrun_pending(ur);
+}
+
 static int ur_poll(struct zk__driver *d, int64_t timeout_ns)
 {
 	struct ur *ur = d->impl;
 	if (timeout_ns == 0) {
-		/* Submit, and let deferred completions be posted. */
-		if (io_uring_sq_ready(&ur->ring) || (ur->setup_flags & IORING_SETUP_DEFER_TASKRUN) ||
-		    !io_uring_cq_ready(&ur->ring))
+		/* Submit, and let deferred completions be posted; without
+		 * TASKRUN_FLAG we cannot tell whether any are waiting. */
+		if (io_uring_sq_ready(&ur->ring) || taskrun_pending(ur) ||
+		    (!(ur->setup_flags & IORING_SETUP_TASKRUN_FLAG) &&
+		     ((ur->setup_flags & IORING_SETUP_DEFER_TASKRUN) || !io_uring_cq_ready(&ur->ring))))
 			io_uring_submit_and_get_events(&ur->ring);
 	} else if (io_uring_cq_ready(&ur->ring)) {
 		if (io_uring_sq_ready(&ur->ring))
@@ -247,6 +279,13 @@ static int ur_poll(struct zk__driver *d, int64_t timeout_ns)
 		io_uring_submit_and_wait_timeout(&ur->ring, &cqe, 1, timeout_ns > 0 ? &ts : NULL, NULL);
 	}
 	return reap(d, ur);
+}
+
+static void ur_flush(struct zk__driver *d)
+{
+	struct ur *ur = d->impl;
+	if (io_uring_sq_ready(&ur->ring))
+		io_uring_submit(&ur->ring);
 }
 
 static void ur_wake(struct zk__driver *d)
@@ -264,5 +303,7 @@ const struct zk__driver_vt zk__driver_uring = {
 	.submit = ur_submit,
 	.cancel = ur_cancel,
 	.poll = ur_poll,
+	.flush = ur_flush,
 	.wake = ur_wake,
+	.ready = ur_ready,
 };
