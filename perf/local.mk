@@ -59,3 +59,12 @@ dist-perf-peers:
 print-perf-programs:
 	@echo $(noinst_PROGRAMS)
 .PHONY: print-perf-programs
+
+# The hook library's benchmark: libcurl from 1,000 fibers (libzokio_hook)
+# against 1,000 threads.  Links the shared libzokio, as the hook requires.
+if HAVE_CURL
+noinst_PROGRAMS += perf/zk_bench_hook
+perf_zk_bench_hook_SOURCES = perf/zk_bench_hook.c perf/bench.h
+perf_zk_bench_hook_CFLAGS = $(AM_CFLAGS) $(CURL_CFLAGS)
+perf_zk_bench_hook_LDADD = libzokio_hook.la libzokio.la $(CURL_LIBS)
+endif

@@ -1,0 +1,106 @@
+/*
+ * zokio_hook.h - libzokio_hook: unmodified blocking code parks the fiber
+ * instead of blocking the worker.
+ *
+ * libzokio_hook interposes libc's blocking calls.  Load it either way:
+ *
+ *     LD_PRELOAD=libzokio_hook.so ./program          (program links libzokio.so)
+ *     cc ... $(pkg-config --libs zokio-hook)         (links it in explicitly)
+ *
+ * The program must use the shared libzokio (libzokio.so): the hook finds
+ * the runtime's own calls by their address inside libzokio.so and lets them
+ * through untouched.
+ *
+ * Interposed: read, write, readv, writev, recv, recvfrom, recvmsg, send,
+ * sendto, sendmsg, accept, accept4, connect, close, poll, ppoll, select,
+ * nanosleep, clock_nanosleep, usleep, sleep, pread, pwrite (and their *64
+ * names), fsync, getaddrinfo, and the _FORTIFY_SOURCE variants __read_chk,
+ * __recv_chk, __recvfrom_chk, __pread_chk, __poll_chk, __ppoll_chk.
+ *
+ * Where a call is hooked: only inside a fiber whose hooking is on (the
+ * default; see zk_hook_enable).  On a plain thread - any thread that is not
+ * running a fiber, including the blocking pool's - every interposed call is
+ * libc's own, unchanged, so preloading the library into a program that
+ * does not use Zokio changes nothing.
+ *
+ * What a hooked call does (POSIX semantics are kept; return -1 and errno,
+ * set on the thread the fiber runs on when it returns):
+ *   - Sockets: the call is made with MSG_DONTWAIT; on EAGAIN the fiber parks
+ *     until the socket is ready (zk_wait_readable / zk_wait_writable) and
+ *     the call is made again.  The socket's own file status flags are never
+ *     changed, so the application's view of them is exact:
+ *       - a socket the application made non-blocking (O_NONBLOCK, FIONBIO,
+ *         SOCK_NONBLOCK) stays non-blocking: EAGAIN as usual;
+ *       - SO_RCVTIMEO / SO_SNDTIMEO are honoured: when the timeout passes
+ *         the call fails with EAGAIN (or returns the bytes moved so far),
+ *         as the kernel does; a connect whose SO_SNDTIMEO passes fails with
+ *         EINPROGRESS, as Linux's does;
+ *       - a blocking send/write/sendmsg moves all its bytes before it
+ *         returns (or fails/times out, returning the count moved so far),
+ *         and recv with MSG_WAITALL waits for the whole length;
+ *       - connect on a non-blocking socket says EINPROGRESS as usual; on a
+ *         blocking one the fiber parks until the connection is made or
+ *         refused (the socket is non-blocking only during the connect call
+ *         itself, restored before the fiber parks);
+ *       - accept parks until the listener is readable, then accepts.  If
+ *         another thread takes the connection first, this accept blocks
+ *         its worker until the next one arrives (share a listener between
+ *         fibers, not with plain threads, or make it non-blocking).
+ *   - Pipes, FIFOs, terminals, eventfds and other pollable fds that are
+ *     blocking: the fiber parks until the fd is ready, then the call is
+ *     made.  A write to a pipe larger than its free space may still block
+ *     the worker for the rest.
+ *   - Regular files, directories and block devices: read/write are libc's;
+ *     pread, pwrite and fsync run as zk_pread / zk_pwrite / zk_fsync
+ *     (io_uring, or the blocking pool under epoll).
+ *   - poll, ppoll, select: tried at once; if nothing is ready and the
+ *     timeout is not 0, the fiber parks until an fd is ready or the
+ *     timeout passes.  ppoll with a signal mask is libc's (it blocks).
+ *   - nanosleep, clock_nanosleep, usleep, sleep: zk_sleep_ns / zk_sleep_until
+ *     (CLOCK_REALTIME absolute sleeps are converted once, at the call).
+ *   - getaddrinfo runs on the blocking pool (zk_blocking).
+ *   - close forgets what the hook knew about the fd, then closes it.
+ *
+ * EINTR: a parked call is not interrupted by a signal (the signal runs on
+ * whatever thread the kernel picks; the call resumes waiting, as if
+ * SA_RESTART were set - also for poll, select and the sleeps, which the
+ * kernel would fail with EINTR).  Instead, a hooked call that would wait
+ * fails with ECANCELED once its fiber is cancelled (zk_cancel), and with
+ * ETIMEDOUT once the fiber's deadline (zk_deadline_set) has passed; the
+ * sleeps then fill in the time remaining, as for EINTR.
+ *
+ * errno and migration: errno is set on the thread the fiber runs on when
+ * the call returns.  Code that took errno's address before the call (a
+ * compiler may keep &errno across a call, e.g. for `errno = 0; read(...);
+ * if (errno)`) can read another thread's errno once its fiber has moved to
+ * another worker.  Run such libraries in pinned fibers (zk_spawn_opts_t
+ * .pinned) or with zk_runtime_opts_t.no_migration = 1; on a one-worker
+ * runtime the question does not arise.
+ *
+ * Set ZOKIO_HOOK=0 in the environment to turn the hook off for the whole
+ * process (every call is then libc's).
+ */
+#ifndef ZOKIO_HOOK_H
+#define ZOKIO_HOOK_H
+
+#include "zokio.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Turn hooking on (on != 0) or off for the calling fiber; it starts on.
+ * With hooking off, the fiber's interposed calls are libc's: they block
+ * the worker thread (for code that must really block, e.g. while holding
+ * an OS mutex).  Returns the previous setting (1 or 0), or -EPERM on a
+ * plain thread, -ENOMEM. */
+ZK_API int zk_hook_enable(int on);
+
+/* 1 if the calling fiber's libc calls are hooked now, else 0 (hooking
+ * off, a plain thread, or the hook disabled by ZOKIO_HOOK=0). */
+ZK_API int zk_hook_enabled(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ZOKIO_HOOK_H */

@@ -1,0 +1,1204 @@
+/*
+ * hook.c - libzokio_hook: libc's blocking calls, made fiber-aware.
+ *
+ * Every interposed function starts with one question: is this call hooked?
+ * Only if it comes from a fiber whose hooking is on, and not from libzokio
+ * itself (the runtime makes its own system calls through the same libc
+ * names; they must reach libc untouched, or the scheduler would park inside
+ * its own wake-up path).  Everything else goes straight to the original,
+ * found with dlsym(RTLD_NEXT).
+ *
+ * A hooked call never changes an fd's file status flags for longer than one
+ * system call (connect), so the application's own O_NONBLOCK, FIONBIO and
+ * SO_RCVTIMEO/SO_SNDTIMEO settings are read back from the kernel when they
+ * matter - on the slow path, after EAGAIN, when the fiber is about to park
+ * anyway - and need no tracking.  Sockets are driven with MSG_DONTWAIT.
+ *
+ * errno and migration: a fiber that parked may resume on another worker
+ * thread, and __errno_location() is a const function whose result a
+ * compiler may keep across a call.  errno is therefore read and written
+ * here only through two functions the optimiser may not look into.
+ *
+ * Bootstrap: the originals are resolved in a constructor, or at the first
+ * interposed call if that comes earlier (another library's constructor).
+ * Until then - and on a thread that is resolving, should dlsym ever call
+ * one of these names - each pointer holds a raw syscall(2) stand-in, so
+ * there is no recursion.  Nothing here allocates before resolution.
+ */
+#include "config.h"
+#include "zokio.h"
+#include "zokio_hook.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <link.h>
+#include <netdb.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HOOK_API __attribute__((visibility("default")))
+#define RA() __builtin_return_address(0)
+
+#if defined(__has_attribute)
+#if __has_attribute(noipa)
+#define OPAQUE __attribute__((noinline, noipa))
+#endif
+#endif
+#ifndef OPAQUE
+#define OPAQUE __attribute__((noinline))
+#endif
+
+/* The soname of the shared runtime, whose calls pass through. */
+#define ZK_CORE_SONAME "libzokio.so.0"
+
+/* ---- errno, safe across a migration -------------------------------------- */
+
+static OPAQUE int get_errno(void)
+{
+	return errno;
+}
+
+static OPAQUE void set_errno(int e)
+{
+	errno = e;
+}
+
+/* -1 with errno = e. */
+static long fail(int e)
+{
+	set_errno(e);
+	return -1;
+}
+
+/* ---- the originals --------------------------------------------------------- */
+
+/* Stand-ins used before dlsym has answered: the bare system calls. */
+static ssize_t raw_read(int fd, void *b, size_t n) { return syscall(SYS_read, fd, b, n); }
+static ssize_t raw_write(int fd, const void *b, size_t n) { return syscall(SYS_write, fd, b, n); }
+static ssize_t raw_readv(int fd, const struct iovec *v, int c) { return syscall(SYS_readv, fd, v, c); }
+static ssize_t raw_writev(int fd, const struct iovec *v, int c) { return syscall(SYS_writev, fd, v, c); }
+static ssize_t raw_recv(int fd, void *b, size_t n, int f)
+{
+	return syscall(SYS_recvfrom, fd, b, n, f, NULL, NULL);
+}
+static ssize_t raw_recvfrom(int fd, void *b, size_t n, int f, struct sockaddr *a, socklen_t *l)
+{
+	return syscall(SYS_recvfrom, fd, b, n, f, a, l);
+}
+static ssize_t raw_recvmsg(int fd, struct msghdr *m, int f) { return syscall(SYS_recvmsg, fd, m, f); }
+static ssize_t raw_send(int fd, const void *b, size_t n, int f)
+{
+	return syscall(SYS_sendto, fd, b, n, f, NULL, 0);
+}
+static ssize_t raw_sendto(int fd, const void *b, size_t n, int f, const struct sockaddr *a, socklen_t l)
+{
+	return syscall(SYS_sendto, fd, b, n, f, a, l);
+}
+static ssize_t raw_sendmsg(int fd, const struct msghdr *m, int f) { return syscall(SYS_sendmsg, fd, m, f); }
+static int raw_accept(int fd, struct sockaddr *a, socklen_t *l) { return (int)syscall(SYS_accept4, fd, a, l, 0); }
+static int raw_accept4(int fd, struct sockaddr *a, socklen_t *l, int f)
+{
+	return (int)syscall(SYS_accept4, fd, a, l, f);
+}
+static int raw_connect(int fd, const struct sockaddr *a, socklen_t l) { return (int)syscall(SYS_connect, fd, a, l); }
+static int raw_close(int fd) { return (int)syscall(SYS_close, fd); }
+static int raw_ppoll(struct pollfd *p, nfds_t n, const struct timespec *t, const sigset_t *s)
+{
+	return (int)syscall(SYS_ppoll, p, n, t, s, (size_t)(_NSIG / 8));
+}
+static int raw_poll(struct pollfd *p, nfds_t n, int ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000 };
+	return raw_ppoll(p, n, ms < 0 ? NULL : &ts, NULL);
+}
+static int raw_select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv)
+{
+	struct timespec ts, *tp = NULL;
+	if (tv) {
+		ts.tv_sec = tv->tv_sec;
+		ts.tv_nsec = tv->tv_usec * 1000;
+		tp = &ts;
+	}
+	return (int)syscall(SYS_pselect6, n, r, w, e, tp, NULL);
+}
+static int raw_nanosleep(const struct timespec *q, struct timespec *m) { return (int)syscall(SYS_nanosleep, q, m); }
+static int raw_clock_nanosleep(clockid_t c, int f, const struct timespec *q, struct timespec *m)
+{
+	return syscall(SYS_clock_nanosleep, c, f, q, m) < 0 ? get_errno() : 0;
+}
+static int raw_usleep(useconds_t us)
+{
+	struct timespec ts = { us / 1000000, (long)(us % 1000000) * 1000 };
+	return raw_nanosleep(&ts, NULL);
+}
+static unsigned raw_sleep(unsigned s)
+{
+	struct timespec ts = { s, 0 }, rem = { 0, 0 };
+	return raw_nanosleep(&ts, &rem) ? (unsigned)rem.tv_sec : 0;
+}
+static ssize_t raw_pread(int fd, void *b, size_t n, off_t o) { return syscall(SYS_pread64, fd, b, n, o); }
+static ssize_t raw_pwrite(int fd, const void *b, size_t n, off_t o) { return syscall(SYS_pwrite64, fd, b, n, o); }
+static int raw_fsync(int fd) { return (int)syscall(SYS_fsync, fd); }
+static int raw_getaddrinfo(const char *n, const char *s, const struct addrinfo *h, struct addrinfo **r)
+{
+	set_errno(ENOSYS);
+	return EAI_SYSTEM;
+}
+
+static struct {
+	ssize_t (*read)(int, void *, size_t);
+	ssize_t (*write)(int, const void *, size_t);
+	ssize_t (*readv)(int, const struct iovec *, int);
+	ssize_t (*writev)(int, const struct iovec *, int);
+	ssize_t (*recv)(int, void *, size_t, int);
+	ssize_t (*recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+	ssize_t (*recvmsg)(int, struct msghdr *, int);
+	ssize_t (*send)(int, const void *, size_t, int);
+	ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+	ssize_t (*sendmsg)(int, const struct msghdr *, int);
+	int (*accept)(int, struct sockaddr *, socklen_t *);
+	int (*accept4)(int, struct sockaddr *, socklen_t *, int);
+	int (*connect)(int, const struct sockaddr *, socklen_t);
+	int (*close)(int);
+	int (*poll)(struct pollfd *, nfds_t, int);
+	int (*ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+	int (*select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+	int (*nanosleep)(const struct timespec *, struct timespec *);
+	int (*clock_nanosleep)(clockid_t, int, const struct timespec *, struct timespec *);
+	int (*usleep)(useconds_t);
+	unsigned (*sleep)(unsigned);
+	ssize_t (*pread)(int, void *, size_t, off_t);
+	ssize_t (*pwrite)(int, const void *, size_t, off_t);
+	ssize_t (*pread64)(int, void *, size_t, off_t);
+	ssize_t (*pwrite64)(int, const void *, size_t, off_t);
+	int (*fsync)(int);
+	int (*getaddrinfo)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
+	/* _FORTIFY_SOURCE entry points; NULL where libc has none. */
+	ssize_t (*read_chk)(int, void *, size_t, size_t);
+	ssize_t (*recv_chk)(int, void *, size_t, size_t, int);
+	ssize_t (*recvfrom_chk)(int, void *, size_t, size_t, int, struct sockaddr *, socklen_t *);
+	ssize_t (*pread_chk)(int, void *, size_t, off_t, size_t);
+	int (*poll_chk)(struct pollfd *, nfds_t, int, size_t);
+	int (*ppoll_chk)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *, size_t);
+} real = {
+	raw_read, raw_write, raw_readv, raw_writev, raw_recv, raw_recvfrom, raw_recvmsg,
+	raw_send, raw_sendto, raw_sendmsg, raw_accept, raw_accept4, raw_connect, raw_close,
+	raw_poll, raw_ppoll, raw_select, raw_nanosleep, raw_clock_nanosleep, raw_usleep,
+	raw_sleep, raw_pread, raw_pwrite, raw_pread, raw_pwrite, raw_fsync, raw_getaddrinfo,
+	NULL, NULL, NULL, NULL, NULL, NULL,
+};
+
+static _Atomic int resolve_state;       /* 0 not yet, 1 in progress, 2 done */
+static __thread int resolving;          /* this thread is inside resolve() */
+static int hook_on;                     /* ZOKIO_HOOK != 0 and resolved */
+static uintptr_t core_lo, core_hi;      /* libzokio.so's code */
+static zk_key_t off_key;                /* non-NULL value: hooking off in this fiber */
+static int key_ok;
+
+#define FIND(name, field)                                   \
+	do {                                                \
+		void *p_ = dlsym(RTLD_NEXT, name);          \
+		if (p_)                                     \
+			memcpy(&real.field, &p_, sizeof(p_)); \
+	} while (0)
+
+/* Find the executable segments of the object that holds addr. */
+struct find_seg {
+	uintptr_t addr, self;
+	uintptr_t lo, hi;
+	int has_self;
+};
+
+static int seg_cb(struct dl_phdr_info *info, size_t size, void *data)
+{
+	struct find_seg *f = data;
+	int mine = 0;
+	for (int i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t lo = info->dlpi_addr + ph->p_vaddr;
+		if (ph->p_type == PT_LOAD && f->addr >= lo && f->addr < lo + ph->p_memsz)
+			mine = 1;
+	}
+	if (!mine)
+		return 0;
+	f->lo = UINTPTR_MAX;
+	for (int i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t lo = info->dlpi_addr + ph->p_vaddr;
+		if (ph->p_type != PT_LOAD)
+			continue;
+		if (f->self >= lo && f->self < lo + ph->p_memsz)
+			f->has_self = 1;
+		if (!(ph->p_flags & PF_X))
+			continue;
+		if (lo < f->lo)
+			f->lo = lo;
+		if (lo + ph->p_memsz > f->hi)
+			f->hi = lo + ph->p_memsz;
+	}
+	return 1;
+}
+
+/* Where libzokio's own code lives.  dlsym on libzokio's own handle gives
+ * the real address of one of its functions, not a canonical PLT entry of
+ * the executable. */
+static void find_core(void)
+{
+	void *h = dlopen(ZK_CORE_SONAME, RTLD_LAZY | RTLD_NOLOAD);
+	void *p = h ? dlsym(h, "zk_yield") : NULL;
+	if (!p)
+		p = (void *)zk_yield;
+	struct find_seg f = { (uintptr_t)p, (uintptr_t)find_core, 0, 0, 0 };
+	dl_iterate_phdr(seg_cb, &f);
+	if (h)
+		dlclose(h);
+	/* The runtime linked into the same object as the hook (static
+	 * archives): its calls cannot be told apart by address. */
+	if (f.has_self || f.lo >= f.hi)
+		return;
+	core_lo = f.lo;
+	core_hi = f.hi;
+}
+
+static void resolve(void)
+{
+	int expected = 0;
+	if (!atomic_compare_exchange_strong(&resolve_state, &expected, 1))
+		return; /* done, or another thread is at it: stand-ins meanwhile */
+	resolving = 1;
+	FIND("read", read);
+	FIND("write", write);
+	FIND("readv", readv);
+	FIND("writev", writev);
+	FIND("recv", recv);
+	FIND("recvfrom", recvfrom);
+	FIND("recvmsg", recvmsg);
+	FIND("send", send);
+	FIND("sendto", sendto);
+	FIND("sendmsg", sendmsg);
+	FIND("accept", accept);
+	FIND("accept4", accept4);
+	FIND("connect", connect);
+	FIND("close", close);
+	FIND("poll", poll);
+	FIND("ppoll", ppoll);
+	FIND("select", select);
+	FIND("nanosleep", nanosleep);
+	FIND("clock_nanosleep", clock_nanosleep);
+	FIND("usleep", usleep);
+	FIND("sleep", sleep);
+	FIND("pread", pread);
+	FIND("pwrite", pwrite);
+	FIND("pread64", pread64);
+	FIND("pwrite64", pwrite64);
+	FIND("fsync", fsync);
+	FIND("getaddrinfo", getaddrinfo);
+	FIND("__read_chk", read_chk);
+	FIND("__recv_chk", recv_chk);
+	FIND("__recvfrom_chk", recvfrom_chk);
+	FIND("__pread_chk", pread_chk);
+	FIND("__poll_chk", poll_chk);
+	FIND("__ppoll_chk", ppoll_chk);
+	find_core();
+	key_ok = zk_key_create(&off_key, NULL) == 0;
+	const char *e = getenv("ZOKIO_HOOK");
+	hook_on = !(e && e[0] == '0' && e[1] == 0);
+	resolving = 0;
+	atomic_store(&resolve_state, 2);
+}
+
+__attribute__((constructor)) static void hook_init(void)
+{
+	resolve();
+}
+
+/* Is a call with return address ra to be hooked? */
+static int hooked(void *ra)
+{
+	if (atomic_load_explicit(&resolve_state, memory_order_acquire) != 2) {
+		if (resolving)
+			return 0;
+		resolve();
+		if (atomic_load_explicit(&resolve_state, memory_order_acquire) != 2)
+			return 0;
+	}
+	if (!hook_on)
+		return 0;
+	if ((uintptr_t)ra - core_lo < core_hi - core_lo)
+		return 0;
+	if (!zk_self())
+		return 0;
+	return !key_ok || zk_key_get(off_key) == NULL;
+}
+
+/* ---- what kind of fd ------------------------------------------------------- */
+
+enum { FD_UNKNOWN, FD_SOCK, FD_POLL, FD_FILE };
+
+/* Sockets and other pollable fds are remembered by number until close();
+ * files are looked at every time, so a stale entry can only ever send a
+ * call down a path that waits (and then copes: ENOTSOCK, or poll). */
+#define KINDS_MAX 65536
+static _Atomic uint8_t kinds[KINDS_MAX];
+
+static int fd_kind(int fd)
+{
+	if (fd >= 0 && fd < KINDS_MAX) {
+		int k = atomic_load_explicit(&kinds[fd], memory_order_relaxed);
+		if (k)
+			return k;
+	}
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		return FD_FILE; /* the real call reports EBADF */
+	int k = S_ISSOCK(st.st_mode) ? FD_SOCK
+		: S_ISREG(st.st_mode) || S_ISDIR(st.st_mode) || S_ISBLK(st.st_mode) ? FD_FILE
+		: FD_POLL;
+	if (k != FD_FILE && fd >= 0 && fd < KINDS_MAX)
+		atomic_store_explicit(&kinds[fd], (uint8_t)k, memory_order_relaxed);
+	return k;
+}
+
+static void fd_forget(int fd)
+{
+	if (fd >= 0 && fd < KINDS_MAX)
+		atomic_store_explicit(&kinds[fd], FD_UNKNOWN, memory_order_relaxed);
+}
+
+/* Did the application make fd non-blocking?  (An fd we cannot ask about is
+ * treated as non-blocking: the real call then reports the error.) */
+static int fd_nonblocking(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+	return fl < 0 || (fl & O_NONBLOCK);
+}
+
+/* ---- parking --------------------------------------------------------------- */
+
+#define NOT_YET INT64_MIN
+#define OWN_TIMEOUT 1
+
+/* Park until fd is ready for events (POLLIN or POLLOUT) or the call's own
+ * deadline (< 0: none) passes.  0 ready, OWN_TIMEOUT, or -ETIMEDOUT (the
+ * fiber's deadline) / -ECANCELED. */
+static int park_fd(int fd, int events, int64_t deadline)
+{
+	int rc = (events & POLLOUT) ? zk_wait_writable(fd, deadline) : zk_wait_readable(fd, deadline);
+	if (rc == -ETIMEDOUT && deadline >= 0 && zk_now_ns() >= deadline)
+		return OWN_TIMEOUT;
+	return rc;
+}
+
+/* The deadline a socket timeout option (SO_RCVTIMEO / SO_SNDTIMEO) gives a
+ * call that starts waiting now; -1 for none. */
+static int64_t sock_deadline(int fd, int opt)
+{
+	struct timeval tv;
+	socklen_t len = sizeof(tv);
+	if (getsockopt(fd, SOL_SOCKET, opt, &tv, &len) < 0 || (tv.tv_sec == 0 && tv.tv_usec == 0))
+		return -1;
+	return zk_now_ns() + (int64_t)tv.tv_sec * 1000000000 + (int64_t)tv.tv_usec * 1000;
+}
+
+/* A blocking pipe, terminal, eventfd...: park until it is ready.  0 to go
+ * on with the real call, or -1 with errno.  The call is made at once when
+ * it cannot wait: a non-blocking fd, or one not open for that direction
+ * (the read end of a pipe never becomes writable: write says EBADF). */
+static int other_wait(int fd, int events)
+{
+	struct pollfd p = { .fd = fd, .events = (short)events };
+	if (real.poll(&p, 1, 0) != 0)
+		return 0;
+	int fl = fcntl(fd, F_GETFL);
+	int mode = fl & O_ACCMODE;
+	if (fl < 0 || (fl & O_NONBLOCK) || (events == POLLOUT && mode == O_RDONLY) ||
+	    (events == POLLIN && mode == O_WRONLY))
+		return 0;
+	int rc = park_fd(fd, events, -1);
+	return rc == 0 ? 0 : (int)fail(-rc);
+}
+
+/* ---- sockets ------------------------------------------------------------- */
+
+static size_t iov_total(const struct iovec *iov, size_t n)
+{
+	size_t t = 0;
+	for (size_t i = 0; i < n; i++)
+		t += iov[i].iov_len;
+	return t;
+}
+
+/* Drop the first n bytes of a (copied) iovec array. */
+static void iov_advance(struct iovec **iov, size_t *cnt, size_t n)
+{
+	while (*cnt && n >= (*iov)->iov_len) {
+		n -= (*iov)->iov_len;
+		(*iov)++;
+		(*cnt)--;
+	}
+	if (*cnt && n) {
+		(*iov)->iov_base = (char *)(*iov)->iov_base + n;
+		(*iov)->iov_len -= n;
+	}
+}
+
+static int sock_is_stream(int fd)
+{
+	int type = 0;
+	socklen_t len = sizeof(type);
+	return getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM;
+}
+
+/* recvmsg (out = 0) or sendmsg (out = 1) with the semantics of a blocking
+ * socket, on a socket fd.  A blocking send moves every byte, and so does a
+ * receive with MSG_WAITALL on a stream socket; when one of them stops early
+ * (error, timeout, end of stream) the count moved so far is returned. */
+static ssize_t sock_io(int fd, struct msghdr *m, int flags, int out)
+{
+	if (flags & MSG_DONTWAIT) /* the caller asked not to wait */
+		return out ? real.sendmsg(fd, m, flags) : real.recvmsg(fd, m, flags);
+	struct msghdr w = *m;
+	struct iovec small[8], *copy = NULL;
+	size_t want = iov_total(m->msg_iov, m->msg_iovlen), done = 0;
+	int all = out || (flags & MSG_WAITALL);
+	int64_t deadline = NOT_YET;
+	ssize_t res;
+	for (;;) {
+		ssize_t r = out ? real.sendmsg(fd, &w, flags | MSG_DONTWAIT)
+				: real.recvmsg(fd, &w, flags | MSG_DONTWAIT);
+		if (r >= 0) {
+			if (!out && done == 0) {
+				m->msg_namelen = w.msg_namelen;
+				m->msg_controllen = w.msg_controllen;
+				m->msg_flags = w.msg_flags;
+			}
+			done += (size_t)r;
+			if (!all || done >= want || (!out && r == 0) || (!out && !sock_is_stream(fd))) {
+				res = (ssize_t)done;
+				break;
+			}
+			/* Partial: go on with the rest, on a private iovec copy. */
+			if (!copy) {
+				size_t n = w.msg_iovlen;
+				copy = n <= 8 ? small : malloc(n * sizeof(*copy));
+				if (!copy) {
+					res = (ssize_t)done;
+					break;
+				}
+				memcpy(copy, w.msg_iov, n * sizeof(*copy));
+				w.msg_iov = copy;
+			}
+			iov_advance(&w.msg_iov, &w.msg_iovlen, (size_t)r);
+			w.msg_name = NULL; /* a stream: the address and the */
+			w.msg_namelen = 0; /* ancillary data went with the first part */
+			w.msg_control = NULL;
+			w.msg_controllen = 0;
+			continue;
+		}
+		int e = get_errno();
+		if (e == EINTR)
+			continue;
+		if (e != EAGAIN && e != EWOULDBLOCK) {
+			res = done ? (ssize_t)done : fail(e);
+			break;
+		}
+		if (deadline == NOT_YET) {
+			if (fd_nonblocking(fd)) {
+				res = done ? (ssize_t)done : fail(e);
+				break;
+			}
+			deadline = sock_deadline(fd, out ? SO_SNDTIMEO : SO_RCVTIMEO);
+		}
+		int rc = park_fd(fd, out ? POLLOUT : POLLIN, deadline);
+		if (rc) {
+			res = done ? (ssize_t)done : fail(rc == OWN_TIMEOUT ? EAGAIN : -rc);
+			break;
+		}
+	}
+	if (copy && copy != small)
+		free(copy);
+	return res;
+}
+
+/* ---- read, write, readv, writev --------------------------------------------- */
+
+enum { RW_READ, RW_WRITE, RW_READV, RW_WRITEV };
+
+static ssize_t rw_real(int op, int fd, const struct iovec *iov, int cnt)
+{
+	switch (op) {
+	case RW_READ: return real.read(fd, iov->iov_base, iov->iov_len);
+	case RW_WRITE: return real.write(fd, iov->iov_base, iov->iov_len);
+	case RW_READV: return real.readv(fd, iov, cnt);
+	default: return real.writev(fd, iov, cnt);
+	}
+}
+
+static ssize_t rw_hooked(int op, int fd, const struct iovec *iov, int cnt)
+{
+	int out = op == RW_WRITE || op == RW_WRITEV;
+	if (cnt < 0 || cnt > IOV_MAX)
+		return rw_real(op, fd, iov, cnt); /* EINVAL, as libc says it */
+	for (;;) {
+		switch (fd_kind(fd)) {
+		case FD_SOCK: {
+			struct msghdr m;
+			memset(&m, 0, sizeof(m));
+			m.msg_iov = (struct iovec *)iov;
+			m.msg_iovlen = (size_t)cnt;
+			ssize_t r = sock_io(fd, &m, 0, out);
+			if (r < 0 && get_errno() == ENOTSOCK) {
+				fd_forget(fd); /* the number was reused: look again */
+				continue;
+			}
+			return r;
+		}
+		case FD_POLL:
+			if (other_wait(fd, out ? POLLOUT : POLLIN) < 0)
+				return -1;
+			return rw_real(op, fd, iov, cnt);
+		default:
+			return rw_real(op, fd, iov, cnt);
+		}
+	}
+}
+
+HOOK_API ssize_t read(int fd, void *buf, size_t n)
+{
+	if (!hooked(RA()))
+		return real.read(fd, buf, n);
+	struct iovec v = { buf, n };
+	return rw_hooked(RW_READ, fd, &v, 1);
+}
+
+HOOK_API ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+	if (!hooked(RA()) || n > buflen) {
+		if (real.read_chk)
+			return real.read_chk(fd, buf, n, buflen);
+		if (n > buflen)
+			abort();
+		return real.read(fd, buf, n);
+	}
+	struct iovec v = { buf, n };
+	return rw_hooked(RW_READ, fd, &v, 1);
+}
+
+HOOK_API ssize_t write(int fd, const void *buf, size_t n)
+{
+	if (!hooked(RA()))
+		return real.write(fd, buf, n);
+	struct iovec v = { (void *)buf, n };
+	return rw_hooked(RW_WRITE, fd, &v, 1);
+}
+
+HOOK_API ssize_t readv(int fd, const struct iovec *iov, int cnt)
+{
+	if (!hooked(RA()))
+		return real.readv(fd, iov, cnt);
+	return rw_hooked(RW_READV, fd, iov, cnt);
+}
+
+HOOK_API ssize_t writev(int fd, const struct iovec *iov, int cnt)
+{
+	if (!hooked(RA()))
+		return real.writev(fd, iov, cnt);
+	return rw_hooked(RW_WRITEV, fd, iov, cnt);
+}
+
+/* ---- recv and send families ------------------------------------------------- */
+
+static ssize_t recvfrom_hooked(int fd, void *buf, size_t n, int flags, struct sockaddr *addr,
+			       socklen_t *addrlen)
+{
+	if (fd_kind(fd) != FD_SOCK)
+		return real.recvfrom(fd, buf, n, flags, addr, addrlen); /* ENOTSOCK, EBADF */
+	struct iovec v = { buf, n };
+	struct msghdr m;
+	memset(&m, 0, sizeof(m));
+	m.msg_iov = &v;
+	m.msg_iovlen = 1;
+	if (addr && addrlen) {
+		m.msg_name = addr;
+		m.msg_namelen = *addrlen;
+	}
+	ssize_t r = sock_io(fd, &m, flags, 0);
+	if (r >= 0 && addr && addrlen)
+		*addrlen = m.msg_namelen;
+	return r;
+}
+
+HOOK_API ssize_t recv(int fd, void *buf, size_t n, int flags)
+{
+	if (!hooked(RA()))
+		return real.recv(fd, buf, n, flags);
+	return recvfrom_hooked(fd, buf, n, flags, NULL, NULL);
+}
+
+HOOK_API ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags)
+{
+	if (!hooked(RA()) || n > buflen) {
+		if (real.recv_chk)
+			return real.recv_chk(fd, buf, n, buflen, flags);
+		if (n > buflen)
+			abort();
+		return real.recv(fd, buf, n, flags);
+	}
+	return recvfrom_hooked(fd, buf, n, flags, NULL, NULL);
+}
+
+HOOK_API ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *addr,
+			  socklen_t *addrlen)
+{
+	if (!hooked(RA()))
+		return real.recvfrom(fd, buf, n, flags, addr, addrlen);
+	return recvfrom_hooked(fd, buf, n, flags, addr, addrlen);
+}
+
+HOOK_API ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
+				struct sockaddr *addr, socklen_t *addrlen)
+{
+	if (!hooked(RA()) || n > buflen) {
+		if (real.recvfrom_chk)
+			return real.recvfrom_chk(fd, buf, n, buflen, flags, addr, addrlen);
+		if (n > buflen)
+			abort();
+		return real.recvfrom(fd, buf, n, flags, addr, addrlen);
+	}
+	return recvfrom_hooked(fd, buf, n, flags, addr, addrlen);
+}
+
+HOOK_API ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
+{
+	if (!hooked(RA()) || !msg || fd_kind(fd) != FD_SOCK)
+		return real.recvmsg(fd, msg, flags);
+	return sock_io(fd, msg, flags, 0);
+}
+
+static ssize_t sendto_hooked(int fd, const void *buf, size_t n, int flags,
+			     const struct sockaddr *addr, socklen_t addrlen)
+{
+	if (fd_kind(fd) != FD_SOCK)
+		return real.sendto(fd, buf, n, flags, addr, addrlen);
+	struct iovec v = { (void *)buf, n };
+	struct msghdr m;
+	memset(&m, 0, sizeof(m));
+	m.msg_iov = &v;
+	m.msg_iovlen = 1;
+	m.msg_name = (void *)addr;
+	m.msg_namelen = addr ? addrlen : 0;
+	return sock_io(fd, &m, flags, 1);
+}
+
+HOOK_API ssize_t send(int fd, const void *buf, size_t n, int flags)
+{
+	if (!hooked(RA()))
+		return real.send(fd, buf, n, flags);
+	return sendto_hooked(fd, buf, n, flags, NULL, 0);
+}
+
+HOOK_API ssize_t sendto(int fd, const void *buf, size_t n, int flags,
+			const struct sockaddr *addr, socklen_t addrlen)
+{
+	if (!hooked(RA()))
+		return real.sendto(fd, buf, n, flags, addr, addrlen);
+	return sendto_hooked(fd, buf, n, flags, addr, addrlen);
+}
+
+HOOK_API ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+	if (!hooked(RA()) || !msg || fd_kind(fd) != FD_SOCK)
+		return real.sendmsg(fd, msg, flags);
+	return sock_io(fd, (struct msghdr *)msg, flags, 1);
+}
+
+/* ---- accept, connect, close ------------------------------------------------- */
+
+/* Wait until the listener has a connection queued, then accept it.  (With
+ * a listener shared with other threads the accept can still lose the race
+ * and block; see zokio_hook.h.) */
+static int accept_hooked(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+	if (fd_kind(fd) != FD_SOCK)
+		return real.accept4(fd, addr, addrlen, flags);
+	int64_t deadline = NOT_YET;
+	for (;;) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		if (real.poll(&p, 1, 0) != 0)
+			return real.accept4(fd, addr, addrlen, flags);
+		if (deadline == NOT_YET) {
+			if (fd_nonblocking(fd))
+				return real.accept4(fd, addr, addrlen, flags);
+			deadline = sock_deadline(fd, SO_RCVTIMEO);
+		}
+		int rc = park_fd(fd, POLLIN, deadline);
+		if (rc)
+			return (int)fail(rc == OWN_TIMEOUT ? EAGAIN : -rc);
+	}
+}
+
+HOOK_API int accept(int fd, struct sockaddr *addr, socklen_t *addrlen)
+{
+	if (!hooked(RA()))
+		return real.accept(fd, addr, addrlen);
+	return accept_hooked(fd, addr, addrlen, 0);
+}
+
+HOOK_API int accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+	if (!hooked(RA()))
+		return real.accept4(fd, addr, addrlen, flags);
+	return accept_hooked(fd, addr, addrlen, flags);
+}
+
+/* A blocking connect: made non-blocking for the connect call alone (the
+ * flags are restored before the fiber parks), then the fiber waits for the
+ * outcome.  SO_SNDTIMEO expiring gives EINPROGRESS, as on Linux. */
+static int connect_hooked(int fd, const struct sockaddr *addr, socklen_t len)
+{
+	if (fd_kind(fd) != FD_SOCK)
+		return real.connect(fd, addr, len);
+	int fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || (fl & O_NONBLOCK) || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+		return real.connect(fd, addr, len);
+	int r = real.connect(fd, addr, len);
+	int e = get_errno();
+	fcntl(fd, F_SETFL, fl);
+	if (r == 0)
+		return 0;
+	if (e != EINPROGRESS)
+		return (int)fail(e);
+	int rc = park_fd(fd, POLLOUT, sock_deadline(fd, SO_SNDTIMEO));
+	if (rc)
+		return (int)fail(rc == OWN_TIMEOUT ? EINPROGRESS : -rc);
+	int err = 0;
+	socklen_t elen = sizeof(err);
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0)
+		return -1;
+	return err ? (int)fail(err) : 0;
+}
+
+HOOK_API int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+	if (!hooked(RA()))
+		return real.connect(fd, addr, len);
+	return connect_hooked(fd, addr, len);
+}
+
+HOOK_API int close(int fd)
+{
+	/* Forget on every thread: the number may come back as anything. */
+	fd_forget(fd);
+	return real.close(fd);
+}
+
+/* ---- poll, ppoll, select ------------------------------------------------- */
+
+#define POLL_RD (POLLIN | POLLPRI | POLLRDNORM | POLLRDBAND | POLLRDHUP)
+#define POLL_WR (POLLOUT | POLLWRNORM | POLLWRBAND)
+
+/* Park until one of fds may be ready (nothing was when this is called) or
+ * deadline passes.  0 (look again), OWN_TIMEOUT, -ETIMEDOUT, -ECANCELED. */
+static int wait_any(const struct pollfd *fds, nfds_t n, int64_t deadline)
+{
+	nfds_t used = 0, at = 0;
+	for (nfds_t i = 0; i < n; i++)
+		if (fds[i].fd >= 0) {
+			used++;
+			at = i;
+		}
+	if (used == 0) {
+		int rc = zk_sleep_until(deadline < 0 ? INT64_MAX : deadline);
+		return rc == 0 ? OWN_TIMEOUT : rc;
+	}
+	short ev = fds[at].events;
+	if (used == 1 && ev && (!(ev & ~POLL_RD) || !(ev & ~POLL_WR)) && !(ev & POLLPRI))
+		return park_fd(fds[at].fd, (ev & POLL_RD) ? POLLIN : POLLOUT, deadline);
+	/* Several fds, or both directions: an epoll set of them is readable
+	 * as soon as one of them is ready, and that is one fd to wait for. */
+	int ep = epoll_create1(EPOLL_CLOEXEC);
+	if (ep < 0)
+		return -get_errno();
+	for (nfds_t i = 0; i < n; i++) {
+		int fd = fds[i].fd, dup = 0;
+		if (fd < 0)
+			continue;
+		for (nfds_t j = 0; j < i && !dup; j++)
+			dup = fds[j].fd == fd;
+		if (dup)
+			continue;
+		uint32_t want = 0;
+		for (nfds_t j = i; j < n; j++)
+			if (fds[j].fd == fd)
+				want |= (uint16_t)fds[j].events;
+		struct epoll_event e = { .events = want & (POLL_RD | POLL_WR), .data.fd = fd };
+		/* EPERM: a file epoll refuses is always ready for what poll can
+		 * report on it; since it was not, it never will be. */
+		if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0 && get_errno() != EPERM) {
+			int rc = -get_errno();
+			real.close(ep);
+			return rc;
+		}
+	}
+	int rc = park_fd(ep, POLLIN, deadline);
+	real.close(ep);
+	return rc;
+}
+
+static int64_t ms_deadline(int ms)
+{
+	return ms < 0 ? -1 : zk_now_ns() + (int64_t)ms * 1000000;
+}
+
+static int64_t ts_deadline(const struct timespec *ts)
+{
+	if (!ts)
+		return -1;
+	return zk_now_ns() + (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec;
+}
+
+/* poll() in a fiber, with an absolute deadline (< 0: none). */
+static int poll_hooked(struct pollfd *fds, nfds_t n, int64_t deadline)
+{
+	for (;;) {
+		int r = real.poll(fds, n, 0);
+		if (r != 0)
+			return r;
+		int rc = wait_any(fds, n, deadline);
+		if (rc == OWN_TIMEOUT)
+			return 0;
+		if (rc < 0)
+			return (int)fail(-rc);
+	}
+}
+
+HOOK_API int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+	if (!hooked(RA()) || timeout == 0)
+		return real.poll(fds, n, timeout);
+	return poll_hooked(fds, n, ms_deadline(timeout));
+}
+
+HOOK_API int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen)
+{
+	if (!hooked(RA()) || timeout == 0 || fdslen / sizeof(*fds) < n) {
+		if (real.poll_chk)
+			return real.poll_chk(fds, n, timeout, fdslen);
+		if (fdslen / sizeof(*fds) < n)
+			abort();
+		return real.poll(fds, n, timeout);
+	}
+	return poll_hooked(fds, n, ms_deadline(timeout));
+}
+
+static int ppoll_bad_timeout(const struct timespec *t)
+{
+	return t && (t->tv_sec < 0 || t->tv_nsec < 0 || t->tv_nsec >= 1000000000);
+}
+
+HOOK_API int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *t, const sigset_t *mask)
+{
+	/* With a signal mask the call is libc's: a mask cannot be applied to
+	 * a worker that goes on running other fibers. */
+	if (!hooked(RA()) || mask || ppoll_bad_timeout(t) || (t && t->tv_sec == 0 && t->tv_nsec == 0))
+		return real.ppoll(fds, n, t, mask);
+	return poll_hooked(fds, n, ts_deadline(t));
+}
+
+HOOK_API int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *t,
+			 const sigset_t *mask, size_t fdslen)
+{
+	if (!hooked(RA()) || mask || ppoll_bad_timeout(t) || (t && t->tv_sec == 0 && t->tv_nsec == 0) ||
+	    fdslen / sizeof(*fds) < n) {
+		if (real.ppoll_chk)
+			return real.ppoll_chk(fds, n, t, mask, fdslen);
+		if (fdslen / sizeof(*fds) < n)
+			abort();
+		return real.ppoll(fds, n, t, mask);
+	}
+	return poll_hooked(fds, n, ts_deadline(t));
+}
+
+/* select(): libc's select with a zero timeout decides what is ready; in
+ * between the fiber waits on the same fds as a poll set. */
+HOOK_API int select(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, struct timeval *tv)
+{
+	if (!hooked(RA()) || nfds < 0 || nfds > FD_SETSIZE || (tv && tv->tv_sec == 0 && tv->tv_usec == 0) ||
+	    (tv && (tv->tv_sec < 0 || tv->tv_usec < 0 || tv->tv_usec >= 1000000)))
+		return real.select(nfds, rd, wr, ex, tv);
+	int64_t deadline = tv ? zk_now_ns() + (int64_t)tv->tv_sec * 1000000000 + tv->tv_usec * 1000 : -1;
+	struct pollfd *p = NULL;
+	nfds_t n = 0;
+	int res;
+	for (;;) {
+		fd_set r2, w2, e2;
+		if (rd)
+			r2 = *rd;
+		if (wr)
+			w2 = *wr;
+		if (ex)
+			e2 = *ex;
+		struct timeval zero = { 0, 0 };
+		res = real.select(nfds, rd ? &r2 : NULL, wr ? &w2 : NULL, ex ? &e2 : NULL, &zero);
+		if (res != 0) {
+			if (res > 0) {
+				if (rd)
+					*rd = r2;
+				if (wr)
+					*wr = w2;
+				if (ex)
+					*ex = e2;
+			}
+			break;
+		}
+		if (!p) {
+			p = malloc(sizeof(*p) * (size_t)(nfds ? nfds : 1));
+			if (!p) {
+				res = (int)fail(ENOMEM);
+				break;
+			}
+			for (int fd = 0; fd < nfds; fd++) {
+				short ev = (short)((rd && FD_ISSET(fd, rd) ? POLLIN : 0) |
+						   (wr && FD_ISSET(fd, wr) ? POLLOUT : 0) |
+						   (ex && FD_ISSET(fd, ex) ? POLLPRI : 0));
+				if (ev) {
+					p[n].fd = fd;
+					p[n].events = ev;
+					p[n].revents = 0;
+					n++;
+				}
+			}
+		}
+		int rc = wait_any(p, n, deadline);
+		if (rc == OWN_TIMEOUT) {
+			if (rd)
+				FD_ZERO(rd);
+			if (wr)
+				FD_ZERO(wr);
+			if (ex)
+				FD_ZERO(ex);
+			res = 0;
+			break;
+		}
+		if (rc < 0) {
+			res = (int)fail(-rc);
+			break;
+		}
+	}
+	free(p);
+	if (tv) { /* Linux reports the time not slept */
+		int64_t left = deadline - zk_now_ns();
+		if (left < 0)
+			left = 0;
+		tv->tv_sec = left / 1000000000;
+		tv->tv_usec = (left % 1000000000) / 1000;
+	}
+	return res;
+}
+
+/* ---- sleeps ----------------------------------------------------------------- */
+
+static int64_t ns_after(const struct timespec *ts)
+{
+	int64_t now = zk_now_ns();
+	if (ts->tv_sec >= (INT64_MAX - now) / 1000000000 - 1)
+		return INT64_MAX;
+	return now + (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec;
+}
+
+static void remaining(int64_t deadline, struct timespec *rem)
+{
+	if (!rem)
+		return;
+	int64_t left = deadline == INT64_MAX ? INT64_MAX : deadline - zk_now_ns();
+	if (left < 0)
+		left = 0;
+	rem->tv_sec = (time_t)(left / 1000000000);
+	rem->tv_nsec = (long)(left % 1000000000);
+}
+
+static int bad_ts(const struct timespec *ts)
+{
+	return !ts || ts->tv_nsec < 0 || ts->tv_nsec >= 1000000000 || ts->tv_sec < 0;
+}
+
+HOOK_API int nanosleep(const struct timespec *req, struct timespec *rem)
+{
+	if (!hooked(RA()) || bad_ts(req))
+		return real.nanosleep(req, rem);
+	int64_t d = ns_after(req);
+	int rc = zk_sleep_until(d);
+	if (rc == 0)
+		return 0;
+	remaining(d, rem);
+	return (int)fail(-rc);
+}
+
+HOOK_API int clock_nanosleep(clockid_t clk, int flags, const struct timespec *req,
+			     struct timespec *rem)
+{
+	int known = clk == CLOCK_MONOTONIC || clk == CLOCK_REALTIME || clk == CLOCK_BOOTTIME ||
+		    clk == CLOCK_TAI;
+	if (!hooked(RA()) || !known || bad_ts(req))
+		return real.clock_nanosleep(clk, flags, req, rem);
+	int64_t d;
+	if (!(flags & TIMER_ABSTIME)) {
+		d = ns_after(req);
+	} else if (clk == CLOCK_MONOTONIC) {
+		d = (int64_t)req->tv_sec * 1000000000 + req->tv_nsec;
+	} else { /* another clock's absolute time: converted once, now */
+		struct timespec now;
+		clock_gettime(clk, &now);
+		int64_t delta = ((int64_t)req->tv_sec - now.tv_sec) * 1000000000 +
+				(req->tv_nsec - now.tv_nsec);
+		d = zk_now_ns() + (delta > 0 ? delta : 0);
+	}
+	int rc = zk_sleep_until(d);
+	if (rc == 0)
+		return 0;
+	if (!(flags & TIMER_ABSTIME))
+		remaining(d, rem);
+	return -rc; /* clock_nanosleep returns the error number */
+}
+
+HOOK_API int usleep(useconds_t us)
+{
+	if (!hooked(RA()))
+		return real.usleep(us);
+	int rc = zk_sleep_until(zk_now_ns() + (int64_t)us * 1000);
+	return rc ? (int)fail(-rc) : 0;
+}
+
+HOOK_API unsigned sleep(unsigned s)
+{
+	if (!hooked(RA()))
+		return real.sleep(s);
+	int64_t d = zk_now_ns() + (int64_t)s * 1000000000;
+	if (zk_sleep_until(d) == 0)
+		return 0;
+	int64_t left = d - zk_now_ns();
+	return left > 0 ? (unsigned)((left + 999999999) / 1000000000) : 0;
+}
+
+/* ---- files --------------------------------------------------------------- */
+
+/* pread/pwrite go to the runtime for files only: on a pipe or socket libc
+ * says ESPIPE, where an io_uring read would just wait for data. */
+
+static ssize_t zk_result(ssize_t r)
+{
+	return r < 0 ? fail((int)-r) : r;
+}
+
+HOOK_API ssize_t pread(int fd, void *buf, size_t n, off_t off)
+{
+	if (!hooked(RA()) || fd_kind(fd) != FD_FILE)
+		return real.pread(fd, buf, n, off);
+	return zk_result(zk_pread(fd, buf, n, off));
+}
+
+HOOK_API ssize_t pread64(int fd, void *buf, size_t n, off_t off)
+{
+	if (!hooked(RA()) || fd_kind(fd) != FD_FILE)
+		return real.pread64(fd, buf, n, off);
+	return zk_result(zk_pread(fd, buf, n, off));
+}
+
+HOOK_API ssize_t __pread_chk(int fd, void *buf, size_t n, off_t off, size_t buflen)
+{
+	if (!hooked(RA()) || n > buflen || fd_kind(fd) != FD_FILE) {
+		if (real.pread_chk)
+			return real.pread_chk(fd, buf, n, off, buflen);
+		if (n > buflen)
+			abort();
+		return real.pread(fd, buf, n, off);
+	}
+	return zk_result(zk_pread(fd, buf, n, off));
+}
+
+HOOK_API ssize_t pwrite(int fd, const void *buf, size_t n, off_t off)
+{
+	if (!hooked(RA()) || fd_kind(fd) != FD_FILE)
+		return real.pwrite(fd, buf, n, off);
+	return zk_result(zk_pwrite(fd, buf, n, off));
+}
+
+HOOK_API ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off)
+{
+	if (!hooked(RA()) || fd_kind(fd) != FD_FILE)
+		return real.pwrite64(fd, buf, n, off);
+	return zk_result(zk_pwrite(fd, buf, n, off));
+}
+
+HOOK_API int fsync(int fd)
+{
+	if (!hooked(RA()))
+		return real.fsync(fd);
+	return (int)zk_result(zk_fsync(fd));
+}
+
+/* ---- name resolution ---------------------------------------------------- */
+
+struct gai_job {
+	const char *node, *service;
+	const struct addrinfo *hints;
+	struct addrinfo **res;
+	int rc, err;
+};
+
+static void *gai_run(void *arg)
+{
+	struct gai_job *j = arg;
+	j->rc = real.getaddrinfo(j->node, j->service, j->hints, j->res);
+	j->err = get_errno(); /* for EAI_SYSTEM; the pool thread's errno */
+	return NULL;
+}
+
+HOOK_API int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+			 struct addrinfo **res)
+{
+	if (!hooked(RA()))
+		return real.getaddrinfo(node, service, hints, res);
+	struct gai_job j = { node, service, hints, res, 0, 0 };
+	if (zk_blocking(gai_run, &j, NULL) != 0)
+		gai_run(&j); /* no pool thread could start: resolve right here */
+	if (j.rc == EAI_SYSTEM)
+		set_errno(j.err);
+	return j.rc;
+}
+
+/* ---- the per-fiber switch ----------------------------------------------- */
+
+int zk_hook_enable(int on)
+{
+	if (atomic_load(&resolve_state) != 2)
+		resolve();
+	if (!zk_self())
+		return -EPERM;
+	if (!key_ok)
+		return -ENOMEM;
+	int was = zk_key_get(off_key) == NULL;
+	int rc = zk_key_set(off_key, on ? NULL : (void *)1);
+	return rc < 0 ? rc : was;
+}
+
+int zk_hook_enabled(void)
+{
+	if (atomic_load(&resolve_state) != 2)
+		resolve();
+	return hook_on && key_ok && zk_self() && zk_key_get(off_key) == NULL;
+}
