@@ -156,9 +156,14 @@ static int serve(int argc, char **argv, zk_fiber_fn conn)
 	struct server s = { (int)bench_arg(argc, argv, "port", 0), conn, 0 };
 	pthread_t t;
 	pthread_create(&t, NULL, signal_thread, rt);
-	pthread_detach(t);
 	zk_spawn_ex(rt, NULL, acceptor, &s, NULL);
 	zk_runtime_run(rt);
+	/* The run ends once the signal thread's shutdown has cancelled every
+	 * fiber - possibly before zk_runtime_shutdown itself has returned:
+	 * wait for that thread (waking it if the run ended on its own, e.g.
+	 * listen failed) before the runtime goes away. */
+	pthread_kill(t, SIGTERM);
+	pthread_join(t, NULL);
 	zk_runtime_destroy(rt);
 	return s.rc;
 }
