@@ -169,6 +169,12 @@ void zk__driver_wake(struct zk__driver *d);
  * guarantees that I/O is not starved by fibers that never stop running. */
 #define ZK__DRIVER_REAP_TICKS 16
 void zk__driver_tick(struct zk__driver *d);
+/* vt->flush() if the backend batches submissions (owner only). */
+static inline void zk__driver_flush(struct zk__driver *d)
+{
+	if (d->impl && d->vt->flush)
+		d->vt->flush(d);
+}
 /* vt->ready(), for the owner: completions are waiting to be reaped. */
 static inline int zk__driver_ready(struct zk__driver *d)
 {

@@ -320,10 +320,17 @@ static void nb_remember(int fd)
 		atomic_fetch_or_explicit(&nb_known[fd / 64], 1ull << (fd % 64), memory_order_relaxed);
 }
 
+/* Readiness path: fds whose last read came back short, so were drained
+ * then; the next read waits for readiness before it tries (a hint: wrong,
+ * it costs one wait that fires at once). */
+static _Atomic uint8_t rd_drained[NB_FDS];
+
 static void nb_forget(int fd)
 {
-	if (fd >= 0 && fd < NB_FDS)
+	if (fd >= 0 && fd < NB_FDS) {
 		atomic_fetch_and_explicit(&nb_known[fd / 64], ~(1ull << (fd % 64)), memory_order_relaxed);
+		atomic_store_explicit(&rd_drained[fd], 0, memory_order_relaxed);
+	}
 }
 
 static int nb_ensure(int fd)
@@ -495,7 +502,11 @@ static int connect_finish(int fd, int64_t deadline)
 	return -err;
 }
 
-/* Readiness path: try, wait on EAGAIN, try again. */
+/* Readiness path: try, wait on EAGAIN, try again.  A read (or recv) that
+ * came back short drained the fd, so the next one on it - typically the
+ * next request of a connection, not there yet - waits for readiness
+ * before it tries: a ping-pong then costs epoll_ctl + epoll_wait + read +
+ * write, not also a read that says EAGAIN. */
 static ssize_t op_readiness(struct zk__op *op)
 {
 	int is_sock = op->kind == ZK__OP_RECV || op->kind == ZK__OP_SEND ||
@@ -507,8 +518,21 @@ static ssize_t op_readiness(struct zk__op *op)
 	}
 	if (op->kind == ZK__OP_ACCEPT)
 		op->flags |= SOCK_NONBLOCK;
+	_Atomic uint8_t *drained = NULL;
+	if ((op->kind == ZK__OP_RECV || op->kind == ZK__OP_READ) && !(op->flags & MSG_PEEK) &&
+	    op->fd >= 0 && op->fd < NB_FDS && op->len > 0) {
+		drained = &rd_drained[op->fd];
+		if (atomic_load_explicit(drained, memory_order_relaxed)) {
+			atomic_store_explicit(drained, 0, memory_order_relaxed);
+			int rc = wait_ready(op->fd, POLLIN, op->deadline);
+			if (rc)
+				return rc;
+		}
+	}
 	for (;;) {
 		ssize_t r = op_syscall(op, is_sock ? MSG_DONTWAIT : 0);
+		if (drained && r > 0 && (size_t)r < op->len)
+			atomic_store_explicit(drained, 1, memory_order_relaxed);
 		if (op->kind == ZK__OP_ACCEPT && r >= 0)
 			nb_remember((int)r);
 		if (op->kind == ZK__OP_CONNECT && r == -EINPROGRESS)
@@ -553,12 +577,9 @@ static ssize_t op_completion(struct zk__worker *w, struct zk__op *op)
  * waiting connections is accepted in one go instead of one per round.
  * Returns -EAGAIN when the call has to go through the ring after all
  * (receives do so at once: their data is rarely there yet). */
-static int tryfirst_mode = -1; /* TEMP A/B */
 static ssize_t op_try_first(struct zk__op *op)
 {
 	ssize_t r;
-	if (tryfirst_mode < 0) { const char *e = getenv("ZK_TRYFIRST"); tryfirst_mode = e ? atoi(e) : 3; }
-	if (!(tryfirst_mode & (op->kind == ZK__OP_ACCEPT ? 2 : 1))) return -EAGAIN;
 	switch (op->kind) {
 	case ZK__OP_SEND:
 	case ZK__OP_SENDMSG:
