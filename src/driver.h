@@ -137,6 +137,7 @@ struct zk__driver {
 	struct zk__op *ops;            /* in flight (owner only) */
 	long nops;
 	unsigned ticks;                /* zk__driver_tick calls since the last poll */
+	int64_t polled_at;             /* zk__now() of the first tick since then */
 };
 
 extern const struct zk__driver_vt zk__driver_epoll;
@@ -161,13 +162,15 @@ int zk__driver_poll(struct zk__driver *d, int64_t timeout_ns);
 void zk__driver_wake(struct zk__driver *d);
 /* For a busy worker, once per fairness round: push out batched
  * submissions; poll for completions only every ZK__DRIVER_REAP_TICKS-th
- * time.  A worker reaps when it runs out of runnable fibers, so completions
- * run in the order they arrived, batch after batch; reaping on every round
- * would put the newest batch on top of the LIFO deque, ahead of fibers
- * woken earlier, and a steady stream of new completions would starve those
- * (a 1000-connection echo showed a 5x worse p99).  The periodic poll only
- * guarantees that I/O is not starved by fibers that never stop running. */
+ * time or once ZK__DRIVER_REAP_NS have passed.  A worker reaps when it runs
+ * out of runnable fibers, so completions run in the order they arrived,
+ * batch after batch; reaping on every round would put the newest batch on
+ * top of the LIFO deque, ahead of fibers woken earlier, and a steady stream
+ * of new completions would starve those (a 1000-connection echo showed a
+ * 5x worse p99).  The periodic poll only guarantees that I/O is not
+ * starved by fibers that never stop running. */
 #define ZK__DRIVER_REAP_TICKS 16
+#define ZK__DRIVER_REAP_NS 5000000
 void zk__driver_tick(struct zk__driver *d);
 /* vt->flush() if the backend batches submissions (owner only). */
 static inline void zk__driver_flush(struct zk__driver *d)

@@ -135,7 +135,11 @@ void zk__driver_tick(struct zk__driver *d)
 {
 	if (!d->impl)
 		return;
-	if (++d->ticks >= ZK__DRIVER_REAP_TICKS ||
+	/* the clock is read once per tick, i.e. every ~60 picks */
+	int64_t now = zk__now();
+	if (d->ticks++ == 0)
+		d->polled_at = now;
+	if (d->ticks >= ZK__DRIVER_REAP_TICKS || now - d->polled_at >= ZK__DRIVER_REAP_NS ||
 	    atomic_load_explicit(&d->cancel_pending, memory_order_relaxed))
 		zk__driver_poll(d, 0);
 	else if (d->vt->flush)
