@@ -75,11 +75,13 @@ ZK__NOIPA struct zk__worker *zk__worker_self(void)
 	return w;
 }
 
-static inline void stat_inc(_Atomic uint64_t *c)
+/* Owner-only counter (statistics, and the spawned/ended counts that
+ * all_ended() reads): a plain increment, no locked instruction, published
+ * with release so a reader that sees the count sees what preceded it. */
+static inline void owner_inc(_Atomic uint64_t *c)
 {
-	/* Owner-only counter: a plain increment, published with relaxed order. */
 	atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
-			      memory_order_relaxed);
+			      memory_order_release);
 }
 
 static inline void cpu_relax(void)
@@ -229,7 +231,7 @@ static zk_fiber_t *injector_pop(struct zk__worker *w)
 	atomic_fetch_sub_explicit(&rt->inj_len, take, memory_order_seq_cst);
 	pthread_mutex_unlock(&rt->inj_lock);
 	if (first)
-		stat_inc(&w->st_injector);
+		owner_inc(&w->st_injector);
 	return first;
 }
 
@@ -525,7 +527,7 @@ static void fiber_entry(zk_transfer_t t);
 static int all_ended(zk_runtime_t *rt)
 {
 	uint64_t ended = 0, spawned = 0;
-	zk__fence_seq_cst(); /* our own last count_inc before the others' loads */
+	zk__fence_seq_cst(); /* our own last owner_inc before the others' loads */
 	for (int i = 0; i < rt->nworkers; i++)
 		ended += atomic_load_explicit(&rt->workers[i].n_ended, memory_order_acquire);
 	zk__fence_seq_cst();
@@ -553,17 +555,10 @@ static void check_all_ended(struct zk__worker *w)
 	wake_all(rt);
 }
 
-static inline void count_inc(_Atomic uint64_t *c)
-{
-	/* owner-only counter, published with release */
-	atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
-			      memory_order_release);
-}
-
 void zk__count_spawn(zk_runtime_t *rt, struct zk__worker *w)
 {
 	if (w)
-		count_inc(&w->n_spawned);
+		owner_inc(&w->n_spawned);
 	else
 		atomic_fetch_add_explicit(&rt->spawned_foreign, 1, memory_order_acq_rel);
 }
@@ -579,7 +574,7 @@ static void fiber_ended(struct zk__worker *w, zk_fiber_t *f)
 		rec_free(f);
 	else if (j)
 		zk__waiter_wake(j);
-	count_inc(&w->n_ended); /* see all_ended() */
+	owner_inc(&w->n_ended); /* see all_ended() */
 }
 
 /* Bind a stack to a fiber about to run for the first time.  Returns 0 if
@@ -751,7 +746,7 @@ static void switch_away(struct zk__worker *w, zk_fiber_t *self, struct zk__switc
 	if (next) {
 		w->current = next;
 		atomic_store_explicit(&next->state, ZK__RUNNING, memory_order_relaxed);
-		stat_inc(&w->st_run);
+		owner_inc(&w->st_run);
 		t = jump(next->ctx, FIBER_TSAN(next), next->stack->lo, zk__stack_usable(next->stack),
 			 save, sw);
 	} else if (sw->how == SW_YIELD) {
@@ -858,7 +853,7 @@ static zk_fiber_t *steal_from(struct zk__worker *w, struct zk__worker *v)
 		}
 		if (!f)
 			break;
-		stat_inc(&w->st_steals);
+		owner_inc(&w->st_steals);
 		if (!first)
 			first = f;
 		else if (zk__deque_push(&w->dq, f) < 0)
@@ -1015,11 +1010,11 @@ static void worker_sleep(struct zk__worker *w)
 			return;
 		}
 	}
-	stat_inc(&w->st_parks);
+	owner_inc(&w->st_parks);
 	worker_wait(w, timeout);
 	/* woke for a timer or I/O: nobody took us off the list */
 	idle_leave(w);
-	stat_inc(&w->st_wakeups);
+	owner_inc(&w->st_wakeups);
 }
 
 /* A single worker with I/O in flight spins a while (ZK__IO_SPIN_NS, not
@@ -1090,7 +1085,7 @@ static void worker_loop(struct zk__worker *w)
 		struct zk__switch sw = { NULL, SW_RUN, NULL, NULL };
 		w->current = f;
 		atomic_store_explicit(&f->state, ZK__RUNNING, memory_order_relaxed);
-		stat_inc(&w->st_run);
+		owner_inc(&w->st_run);
 		zk_transfer_t t = jump(f->ctx, FIBER_TSAN(f), f->stack->lo, zk__stack_usable(f->stack),
 				       &w->sched_asan_fake, &sw);
 		after_switch(w, t);
