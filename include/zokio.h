@@ -193,6 +193,27 @@ ZK_API const char *zk_fiber_name(const zk_fiber_t *f);
  * thread.  Only a hint for an unpinned fiber: it may change at any park. */
 ZK_API int zk_worker_index(void);
 
+/* Park and unpark: the lowest-level wait, one permit per fiber, no queue
+ * and no lock (like Rust's thread::park or Java's LockSupport).  Build a
+ * custom primitive on it when the ones below do not fit.
+ *
+ * zk_unpark(f) makes a permit available to f: if f is parked in zk_park it
+ * wakes; otherwise f's next zk_park returns at once.  Permits do not add
+ * up: several unparks before a park leave one.  Any thread.  f must be a
+ * valid handle (not yet joined or released).  Returns 0, -EINVAL for NULL.
+ *
+ * zk_park() consumes the permit, parking the calling fiber until one is
+ * available.  Returns 0 when it got the permit; -ECANCELED if the fiber is
+ * cancelled, -ETIMEDOUT at its deadline (zk_deadline_set) or, for
+ * zk_park_timed, at deadline_ns (absolute, zk_now_ns() clock, < 0 = none);
+ * the permit is then left as it was.  If an unpark races with the timeout
+ * or cancellation, the unpark wins (0).  Fiber only: -EPERM on a plain
+ * thread.  As with any wait, recheck the condition you wait for: a permit
+ * left over from an earlier unpark makes a park return at once. */
+ZK_API int zk_park(void);
+ZK_API int zk_park_timed(int64_t deadline_ns);
+ZK_API int zk_unpark(zk_fiber_t *f);
+
 /* ------------------------------------------------------------------------ */
 /* Cancellation                                                              */
 /* ------------------------------------------------------------------------ */

@@ -59,6 +59,7 @@ struct zk_fiber {
 	/* The current park may be ended by zk_cancel.  Atomic: wakers and
 	 * after_switch read it while the fiber, resumed elsewhere, resets it. */
 	_Atomic uint8_t cancellable_park;
+	_Atomic uint8_t park_permit; /* zk_park/zk_unpark handshake (park.c) */
 #ifdef ZK_ASAN
 	void *asan_fake;             /* ASan fake-stack save slot while switched out */
 #endif

@@ -459,6 +459,7 @@ zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt, struct zk__worker *w)
 	f->home = -1;
 	f->pinned = 0;
 	atomic_init(&f->cancellable_park, 0);
+	atomic_init(&f->park_permit, 0);
 	atomic_init(&f->cancel_hook, NULL);
 	f->err = 0;
 	f->waiting_on = NULL;

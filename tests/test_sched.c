@@ -684,6 +684,137 @@ START_TEST(test_token_pingpong_across_workers_loses_no_wakeups)
 }
 END_TEST
 
+/* ---- zk_park / zk_unpark --------------------------------------------------- */
+
+static void *park_semantics_main(void *arg)
+{
+	(void)arg;
+	zk_fiber_t *me = zk_self();
+	/* a permit given before the park makes it return at once */
+	ck_assert_int_eq(zk_unpark(me), 0);
+	ck_assert_int_eq(zk_park(), 0);
+	/* permits do not add up: two unparks, one permit */
+	ck_assert_int_eq(zk_unpark(me), 0);
+	ck_assert_int_eq(zk_unpark(me), 0);
+	ck_assert_int_eq(zk_park_timed(zk_now_ns() + 1000000), 0);
+	int64_t t0 = zk_now_ns();
+	ck_assert_int_eq(zk_park_timed(t0 + 2000000), -ETIMEDOUT);
+	ck_assert(zk_now_ns() - t0 >= 2000000);
+	/* a deadline already past fails at once, and keeps a waiting permit */
+	ck_assert_int_eq(zk_park_timed(0), -ETIMEDOUT);
+	ck_assert_int_eq(zk_unpark(me), 0);
+	ck_assert_int_eq(zk_park_timed(0), 0);
+	/* the fiber's own deadline applies */
+	ck_assert_int_eq(zk_deadline_set(zk_now_ns() + 1000000), 0);
+	ck_assert_int_eq(zk_park(), -ETIMEDOUT);
+	ck_assert_int_eq(zk_deadline_clear(), 0);
+	ck_assert_int_eq(zk_unpark(NULL), -EINVAL);
+	return NULL;
+}
+
+static void *park_until_cancelled(void *arg)
+{
+	(void)arg;
+	return (void *)(intptr_t)zk_park();
+}
+
+static void *park_cancel_main(void *arg)
+{
+	(void)arg;
+	zk_fiber_t *f;
+	ck_assert_int_eq(zk_spawn(&f, park_until_cancelled, NULL), 0);
+	while (fiber_state(f) != ZK__PARKED)
+		zk_yield();
+	ck_assert_int_eq(zk_cancel(f), 0);
+	void *r;
+	ck_assert_int_eq(zk_join(f, &r), 0);
+	ck_assert_int_eq((intptr_t)r, -ECANCELED);
+	return NULL;
+}
+
+START_TEST(test_park_unpark_permit_semantics)
+{
+	ck_assert_int_eq(zk_park(), -EPERM); /* plain thread */
+	zk_runtime_t *rt = rt_new(1, 0);
+	run_main(rt, park_semantics_main, NULL, "park-semantics");
+	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+	rt = rt_new(2, 0);
+	run_main(rt, park_cancel_main, NULL, "park-cancel");
+	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+}
+END_TEST
+
+/* Two fibers pinned to different workers pass a turn with park/unpark only.
+ * Side 0 also parks with short deadlines that race the other side's
+ * unparks, and then sleeps: an unpark that lost its race to the timeout
+ * must neither be lost (the token would stop) nor end that later sleep
+ * early (a stray wake of the wrong park). */
+struct parkpong {
+	_Atomic int turn;
+	_Atomic(zk_fiber_t *) side[2];
+	long rounds;
+	_Atomic long passes;
+	_Atomic long timeouts;
+	_Atomic long short_sleeps;
+	_Atomic int ended;
+};
+
+static void parkpong_body(int w, void *arg)
+{
+	struct parkpong *pp = arg;
+	if (w > 1)
+		return;
+	atomic_store(&pp->side[w], zk_self());
+	while (!atomic_load(&pp->side[1 - w]))
+		zk_yield();
+	zk_fiber_t *other = atomic_load(&pp->side[1 - w]);
+	for (long i = 0; i < pp->rounds; i++) {
+		while (atomic_load(&pp->turn) != w) {
+			int rc;
+			if (w == 0 && (i & 3) == 0)
+				rc = zk_park_timed(zk_now_ns() + 1000 * (i % 17));
+			else
+				rc = zk_park();
+			ck_assert_msg(rc == 0 || rc == -ETIMEDOUT, "zk_park: %d", rc);
+			if (rc == -ETIMEDOUT)
+				atomic_fetch_add(&pp->timeouts, 1);
+		}
+		atomic_fetch_add_explicit(&pp->passes, 1, memory_order_relaxed);
+		if (w == 0 && (i & 255) == 0) {
+			int64_t t0 = zk_now_ns();
+			ck_assert_int_eq(zk_sleep_ns(20000), 0);
+			if (zk_now_ns() - t0 < 20000)
+				atomic_fetch_add(&pp->short_sleeps, 1);
+		}
+		atomic_store(&pp->turn, 1 - w);
+		ck_assert_int_eq(zk_unpark(other), 0);
+	}
+	/* neither side ends (and lets its handle go) while the other may
+	 * still unpark it */
+	atomic_fetch_add(&pp->ended, 1);
+	while (atomic_load(&pp->ended) < 2)
+		zk_yield();
+}
+
+START_TEST(test_park_unpark_pingpong_across_workers_loses_no_wakeups)
+{
+	struct parkpong pp;
+	memset(&pp, 0, sizeof(pp));
+	pp.rounds = scaled(200000, 20000);
+	zk_runtime_t *rt = rt_new(2, 0);
+	struct watchdog wd;
+	watchdog_start(&wd, rt, 10, 240, "park/unpark ping-pong", &pp.passes);
+	on_each_worker(rt, 2, 1, parkpong_body, &pp);
+	watchdog_stop(&wd);
+	ck_assert_int_eq(atomic_load(&pp.passes), 2 * pp.rounds);
+	ck_assert_int_eq(atomic_load(&pp.short_sleeps), 0);
+	if (getenv("ZK_TEST_VERBOSE"))
+		fprintf(stderr, "park ping-pong: %ld passes, %ld timeouts\n", 2 * pp.rounds,
+			atomic_load(&pp.timeouts));
+	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+}
+END_TEST
+
 /* ---- pinning and no_migration ------------------------------------------- */
 
 START_TEST(test_pinned_fibers_never_change_worker)
@@ -1541,6 +1672,8 @@ static Suite *sched_suite(void)
 	tc = tcase_create("wakeups");
 	tcase_set_timeout(tc, 300);
 	tcase_add_test(tc, test_token_pingpong_across_workers_loses_no_wakeups);
+	tcase_add_test(tc, test_park_unpark_pingpong_across_workers_loses_no_wakeups);
+	tcase_add_test(tc, test_park_unpark_permit_semantics);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("placement");
