@@ -4,11 +4,16 @@
  * perf/peers/go/main.go, which the Tokio peer follows too):
  *
  *   chan_pingpong  two fibers bounce a uint64 over two rendezvous channels;
- *                  ns_per_roundtrip.  workers=1: both on one worker;
- *                  workers=2: the two fibers pinned to different workers.
+ *                  ns_per_roundtrip.  Placement is the scheduler's (as for
+ *                  Go and Tokio); pinned=1 pins the two fibers to different
+ *                  workers, so every message crosses between threads.
+ *   park_pingpong  the same round trip without channels: a shared counter
+ *                  and zk_park / zk_unpark; same placement rules.
  *   wake_latency   a busy-waiting waker on one worker sends to a fiber
  *                  parked on a channel (capacity 1) pinned to the other;
  *                  p50_ns / p99_ns from send to the sleeper running.
+ *   mpmc           4 producers and 4 consumers share one channel (capacity
+ *                  128); msgs_per_sec, every value checked to arrive once.
  *   mutex          `tasks` fibers (default 1000) share n lock/increment/
  *                  unlock operations on one zk_mutex_t; ops_per_sec.
  *   timers         n fibers (default 100000) each sleep timerUs(i) µs
@@ -24,6 +29,7 @@
 #include "bench.h"
 #include "zokio.h"
 
+#include <errno.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -121,39 +127,147 @@ static void *ping(void *a)
 	return NULL;
 }
 
-static int pp_workers;
+static int pp_workers, pp_pinned;
+
+/* Start two fibers, a (which measures) and b, on one worker, placed by the
+ * scheduler, or pinned to different workers (pp_pinned); wait for both.
+ * b is joined first: it ends only after its last message to a. */
+static void run_pair(zk_fiber_fn a_fn, zk_fiber_fn b_fn, void *arg)
+{
+	zk_fiber_t *a, *b;
+	if (pp_pinned && pp_workers > 1) {
+		int wb, wa;
+		b = spawn_placed(b_fn, arg, -1, &wb);
+		a = spawn_placed(a_fn, arg, wb, &wa);
+	} else {
+		int rc;
+		if ((rc = zk_spawn(&b, b_fn, arg)) || (rc = zk_spawn(&a, a_fn, arg)))
+			die("zk_spawn", rc);
+	}
+	zk_join(b, NULL);
+	zk_join(a, NULL);
+}
 
 static void *pingpong_main(void *a)
 {
 	struct pingpong *pp = a;
 	zk_chan_create(&pp->c1, sizeof(uint64_t), 0);
 	zk_chan_create(&pp->c2, sizeof(uint64_t), 0);
-	if (pp_workers == 1) {
-		zk_fiber_t *f;
-		zk_spawn(&f, pong, pp);
-		ping(pp);
-		zk_join(f, NULL);
-	} else {
-		int w1, w2;
-		zk_fiber_t *a1 = spawn_placed(pong, pp, -1, &w1);
-		zk_fiber_t *a2 = spawn_placed(ping, pp, w1, &w2);
-		zk_join(a2, NULL);
-		zk_join(a1, NULL);
-	}
+	run_pair(ping, pong, pp);
 	zk_chan_destroy(pp->c1);
 	zk_chan_destroy(pp->c2);
 	return NULL;
 }
 
+static void pair_args(long *n)
+{
+	pp_workers = (int)arg("workers", 1, 1);
+	pp_pinned = (int)arg("pinned", 0, 0);
+	*n = arg("n", 1000000, 100000);
+	if (*n < 1)
+		*n = 1;
+}
+
 static int bench_chan_pingpong(void)
 {
 	struct pingpong pp = { 0 };
-	pp_workers = (int)arg("workers", 1, 1);
-	pp.n = arg("n", 1000000, 100000);
-	if (pp.n < 1)
-		pp.n = 1;
+	pair_args(&pp.n);
 	int rc = run_main(pp_workers, pingpong_main, &pp);
 	bench_result("chan_pingpong", "ns_per_roundtrip", (double)pp.elapsed / (double)pp.n, "ns");
+	return rc;
+}
+
+/* ---- park_pingpong ----------------------------------------------------------- */
+
+/* seq is the turn: ping makes it odd (pong's turn) and unparks pong, pong
+ * makes it even and unparks ping.  PARK_STOP ends pong. */
+#define PARK_STOP (-1L)
+
+struct parkpong {
+	_Atomic long seq;
+	_Atomic(zk_fiber_t *) side[2]; /* ping, pong */
+	_Atomic int ended;
+	long n;
+	int64_t elapsed;
+};
+
+static zk_fiber_t *park_meet(struct parkpong *pp, int me)
+{
+	atomic_store(&pp->side[me], zk_self());
+	zk_fiber_t *other;
+	while (!(other = atomic_load(&pp->side[1 - me])))
+		zk_yield();
+	return other;
+}
+
+static void park_until(struct parkpong *pp, long want)
+{
+	while (atomic_load_explicit(&pp->seq, memory_order_acquire) != want)
+		zk_park();
+}
+
+/* Neither side ends, letting its handle go, while the other may still
+ * unpark it. */
+static void park_part(struct parkpong *pp)
+{
+	atomic_fetch_add(&pp->ended, 1);
+	while (atomic_load(&pp->ended) < 2)
+		zk_yield();
+}
+
+static void *park_pong(void *a)
+{
+	struct parkpong *pp = a;
+	zk_fiber_t *ping = park_meet(pp, 1);
+	for (;;) {
+		long s;
+		while (!((s = atomic_load_explicit(&pp->seq, memory_order_acquire)) & 1))
+			zk_park();
+		if (s == PARK_STOP)
+			break;
+		atomic_store_explicit(&pp->seq, s + 1, memory_order_release);
+		zk_unpark(ping);
+	}
+	park_part(pp);
+	return NULL;
+}
+
+static void park_rounds(struct parkpong *pp, zk_fiber_t *pong, long n)
+{
+	long s = atomic_load_explicit(&pp->seq, memory_order_relaxed);
+	for (long i = 0; i < n; i++, s += 2) {
+		atomic_store_explicit(&pp->seq, s + 1, memory_order_release);
+		zk_unpark(pong);
+		park_until(pp, s + 2);
+	}
+}
+
+static void *park_ping(void *a)
+{
+	struct parkpong *pp = a;
+	zk_fiber_t *pong = park_meet(pp, 0);
+	park_rounds(pp, pong, pp->n / 10 + 1); /* warm-up */
+	int64_t t0 = zk_now_ns();
+	park_rounds(pp, pong, pp->n);
+	pp->elapsed = zk_now_ns() - t0;
+	atomic_store_explicit(&pp->seq, PARK_STOP, memory_order_release);
+	zk_unpark(pong);
+	park_part(pp);
+	return NULL;
+}
+
+static void *parkpong_main(void *a)
+{
+	run_pair(park_ping, park_pong, a);
+	return NULL;
+}
+
+static int bench_park_pingpong(void)
+{
+	struct parkpong pp = { 0 };
+	pair_args(&pp.n);
+	int rc = run_main(pp_workers, parkpong_main, &pp);
+	bench_result("park_pingpong", "ns_per_roundtrip", (double)pp.elapsed / (double)pp.n, "ns");
 	return rc;
 }
 
@@ -305,6 +419,105 @@ static int bench_mutex(void)
 		return 1;
 	}
 	bench_result("mutex", "ops_per_sec", (double)total * 1e9 / (double)mutex_elapsed, "ops/s");
+	return rc;
+}
+
+/* ---- mpmc ---------------------------------------------------------------------
+ *
+ * `producers` fibers (default 4) send n values in all through one channel
+ * of capacity `cap` (default 128) to `consumers` fibers (default 4); the
+ * last producer to finish closes it.  msgs_per_sec = n / (time until every
+ * consumer has seen the close).  Every value is checked to arrive once (by
+ * sum and count). */
+
+struct mpmc {
+	zk_chan_t *ch;
+	long per, producers;
+	_Atomic long producing;
+	_Atomic uint64_t sum, count;
+};
+
+static void *mpmc_producer(void *a)
+{
+	struct mpmc *m = a;
+	for (long i = 1; i <= m->per; i++) {
+		uint64_t v = (uint64_t)i;
+		int rc = zk_chan_send(m->ch, &v);
+		if (rc)
+			die("zk_chan_send", rc);
+	}
+	if (atomic_fetch_sub(&m->producing, 1) == 1)
+		zk_chan_close(m->ch);
+	return NULL;
+}
+
+static void *mpmc_consumer(void *a)
+{
+	struct mpmc *m = a;
+	uint64_t v, sum = 0, count = 0;
+	int rc;
+	while ((rc = zk_chan_recv(m->ch, &v)) == 0) {
+		sum += v;
+		count++;
+	}
+	if (rc != -EPIPE)
+		die("zk_chan_recv", rc);
+	atomic_fetch_add(&m->sum, sum);
+	atomic_fetch_add(&m->count, count);
+	return NULL;
+}
+
+static long mpmc_consumers;
+static int64_t mpmc_elapsed;
+
+static void *mpmc_main(void *a)
+{
+	struct mpmc *m = a;
+	long nf = m->producers + mpmc_consumers;
+	zk_fiber_t **f = calloc((size_t)nf, sizeof(*f));
+	if (!f)
+		die("calloc", -ENOMEM);
+	int64_t t0 = zk_now_ns();
+	for (long i = 0; i < nf; i++) {
+		int rc = zk_spawn(&f[i], i < mpmc_consumers ? mpmc_consumer : mpmc_producer, m);
+		if (rc)
+			die("zk_spawn", rc);
+	}
+	for (long i = 0; i < nf; i++)
+		zk_join(f[i], NULL);
+	mpmc_elapsed = zk_now_ns() - t0;
+	free(f);
+	return NULL;
+}
+
+static int bench_mpmc(void)
+{
+	struct mpmc m = { 0 };
+	int workers = (int)arg("workers", 2, 2);
+	m.producers = arg("producers", 4, 4);
+	mpmc_consumers = arg("consumers", 4, 4);
+	long cap = arg("cap", 128, 128);
+	long n = arg("n", 2000000, 200000);
+	if (m.producers < 1 || mpmc_consumers < 1 || cap < 0) {
+		fprintf(stderr, "zk_bench: mpmc: need producers >= 1, consumers >= 1, cap >= 0\n");
+		return 1;
+	}
+	m.per = n / m.producers > 0 ? n / m.producers : 1;
+	atomic_store(&m.producing, m.producers);
+	int rc = zk_chan_create(&m.ch, sizeof(uint64_t), (size_t)cap);
+	if (rc)
+		die("zk_chan_create", rc);
+	rc = run_main(workers, mpmc_main, &m);
+	zk_chan_destroy(m.ch);
+	uint64_t total = (uint64_t)(m.per * m.producers);
+	uint64_t want_sum = (uint64_t)m.producers * ((uint64_t)m.per * (uint64_t)(m.per + 1) / 2);
+	if (atomic_load(&m.count) != total || atomic_load(&m.sum) != want_sum) {
+		fprintf(stderr, "zk_bench: mpmc: %llu values (sum %llu), want %llu (sum %llu)\n",
+			(unsigned long long)atomic_load(&m.count), (unsigned long long)atomic_load(&m.sum),
+			(unsigned long long)total, (unsigned long long)want_sum);
+		return 1;
+	}
+	bench_result("mpmc", "msgs_per_sec", (double)total * 1e9 / (double)mpmc_elapsed, "msgs/s");
 	return rc;
 }
 
@@ -484,8 +697,12 @@ int zk_bench_sync(const char *bench, int argc, char **argv)
 	s_argv = argv;
 	if (!strcmp(bench, "chan_pingpong"))
 		return bench_chan_pingpong();
+	if (!strcmp(bench, "park_pingpong"))
+		return bench_park_pingpong();
 	if (!strcmp(bench, "wake_latency"))
 		return bench_wake_latency();
+	if (!strcmp(bench, "mpmc"))
+		return bench_mpmc();
 	if (!strcmp(bench, "mutex"))
 		return bench_mutex();
 	if (!strcmp(bench, "timers"))

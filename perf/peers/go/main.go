@@ -33,7 +33,7 @@ import (
 )
 
 var benchmarks = []string{
-	"switch", "spawn", "chan_pingpong", "wake_latency", "mutex", "timers",
+	"switch", "spawn", "chan_pingpong", "park_pingpong", "wake_latency", "mpmc", "mutex", "timers",
 	"mem_parked", "mem_queued", "echo_server", "http_server",
 }
 
@@ -275,10 +275,108 @@ func pingpongRun(n uint64) time.Duration {
 
 func benchChanPingpong(a *args) {
 	a.workers(1)
+	if a.flag("pinned") {
+		na("chan_pingpong", "Go cannot place goroutines on given Ps")
+		return
+	}
 	n := max64(a.num("n", 1000000, 100000), 1)
 	pingpongRun(n/10 + 1)
 	el := pingpongRun(n)
 	result("chan_pingpong", "ns_per_roundtrip", float64(el.Nanoseconds())/float64(n), "ns")
+}
+
+// ---------------------------------------------------------------------------
+// park_pingpong: the chan_pingpong round trip without channels. Go has no
+// public park/unpark; the public primitive that goes straight to the
+// runtime's park (semacquire) and ready (semrelease) is sync.Mutex, which may
+// be unlocked by another goroutine than the one that locked it. a and b start
+// locked: ping unlocks a (pong's turn) and locks b; pong locks a and unlocks
+// b. pinned=1 (different workers) is not possible in Go: NA.
+
+func parkpongRun(n uint64) time.Duration {
+	var a, b sync.Mutex
+	a.Lock()
+	b.Lock()
+	done := make(chan struct{})
+	go func() {
+		for i := uint64(0); i < n; i++ {
+			a.Lock()
+			b.Unlock()
+		}
+		close(done)
+	}()
+	t0 := time.Now()
+	for i := uint64(0); i < n; i++ {
+		a.Unlock()
+		b.Lock()
+	}
+	el := time.Since(t0)
+	<-done
+	return el
+}
+
+func benchParkPingpong(a *args) {
+	a.workers(1)
+	if a.flag("pinned") {
+		na("park_pingpong", "Go cannot place goroutines on given Ps")
+		return
+	}
+	n := max64(a.num("n", 1000000, 100000), 1)
+	parkpongRun(n/10 + 1)
+	el := parkpongRun(n)
+	result("park_pingpong", "ns_per_roundtrip", float64(el.Nanoseconds())/float64(n), "ns")
+}
+
+// ---------------------------------------------------------------------------
+// mpmc: `producers` goroutines (default 4) send n values in all (default
+// 2,000,000) through one channel of capacity `cap` (default 128) to
+// `consumers` goroutines (default 4); the last producer closes it.
+// msgs_per_sec = n / (time until every consumer has seen the close). Every
+// value is checked to arrive once (by sum and count). GOMAXPROCS=workers.
+
+func benchMpmc(a *args) {
+	a.workers(2)
+	producers := max64(a.num("producers", 4, 4), 1)
+	consumers := max64(a.num("consumers", 4, 4), 1)
+	capacity := a.num("cap", 128, 128)
+	n := max64(a.num("n", 2000000, 200000), 1)
+	per := max64(n/producers, 1)
+	ch := make(chan uint64, capacity)
+	var sum, count atomic.Uint64
+	var prod, cons sync.WaitGroup
+	t0 := time.Now()
+	cons.Add(int(consumers))
+	for c := uint64(0); c < consumers; c++ {
+		go func() {
+			var s, k uint64
+			for v := range ch {
+				s += v
+				k++
+			}
+			sum.Add(s)
+			count.Add(k)
+			cons.Done()
+		}()
+	}
+	prod.Add(int(producers))
+	for p := uint64(0); p < producers; p++ {
+		go func() {
+			for i := uint64(1); i <= per; i++ {
+				ch <- i
+			}
+			prod.Done()
+		}()
+	}
+	prod.Wait()
+	close(ch)
+	cons.Wait()
+	el := time.Since(t0)
+	total := per * producers
+	if count.Load() != total || sum.Load() != producers*(per*(per+1)/2) {
+		fmt.Fprintf(os.Stderr, "gobench: mpmc: %d values (sum %d), want %d\n", count.Load(), sum.Load(), total)
+		os.Exit(1)
+	}
+	result("mpmc", "msgs_per_sec", float64(total)/el.Seconds(), "msgs/s")
 }
 
 // ---------------------------------------------------------------------------
@@ -630,8 +728,12 @@ func main() {
 		benchSpawn(a)
 	case "chan_pingpong":
 		benchChanPingpong(a)
+	case "park_pingpong":
+		benchParkPingpong(a)
 	case "wake_latency":
 		benchWakeLatency(a)
+	case "mpmc":
+		benchMpmc(a)
 	case "mutex":
 		benchMutex(a)
 	case "timers":

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::future::Future;
 use std::process::exit;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,7 +34,9 @@ const BENCHMARKS: &[&str] = &[
     "switch",
     "spawn",
     "chan_pingpong",
+    "park_pingpong",
     "wake_latency",
+    "mpmc",
     "mutex",
     "timers",
     "mem_parked",
@@ -267,43 +270,174 @@ fn bench_spawn(a: &Args) {
 // ---------------------------------------------------------------------------
 // chan_pingpong: tasks "ping" and "pong" bounce a u64 over two
 // tokio::sync::mpsc channels of capacity 1. One round trip = ping sends on c1,
-// pong receives it and sends it back on c2, ping receives it. n round trips;
-// ns_per_roundtrip = elapsed / n. Placement of the two tasks on workers is left
-// to the scheduler (Tokio cannot pin a task). Warm-up: n/10 round trips.
+// pong receives it and sends it back on c2, ping receives it. n round trips
+// after n/10 warm-up ones; ns_per_roundtrip = elapsed / n. Placement of the
+// two tasks on workers is left to the scheduler (Tokio cannot pin a task);
+// pinned=1 runs each task on a current_thread runtime of its own thread
+// instead, so every message crosses between threads.
 
-async fn pingpong_run(n: u64) -> Duration {
+async fn chan_rounds(tx: &mpsc::Sender<u64>, rx: &mut mpsc::Receiver<u64>, k: u64) {
+    for i in 0..k {
+        tx.send(i).await.unwrap();
+        let v = rx.recv().await.unwrap();
+        assert_eq!(v, i);
+    }
+}
+
+fn chan_pair(n: u64) -> (impl Future<Output = Duration>, impl Future<Output = ()>) {
     let (tx1, mut rx1) = mpsc::channel::<u64>(1);
     let (tx2, mut rx2) = mpsc::channel::<u64>(1);
-    let pong = tokio::spawn(async move {
+    let pong = async move {
         while let Some(v) = rx1.recv().await {
             if tx2.send(v).await.is_err() {
                 break;
             }
         }
-    });
-    let ping = tokio::spawn(async move {
+    };
+    let ping = async move {
+        chan_rounds(&tx1, &mut rx2, n / 10 + 1).await;
         let t0 = Instant::now();
-        for i in 0..n {
-            tx1.send(i).await.unwrap();
-            let v = rx2.recv().await.unwrap();
-            assert_eq!(v, i);
-        }
+        chan_rounds(&tx1, &mut rx2, n).await;
         t0.elapsed()
-    });
-    let el = ping.await.unwrap();
-    pong.await.unwrap();
-    el
+    };
+    (ping, pong)
+}
+
+/// Run ping and pong as two tasks of a runtime with `workers` workers, or
+/// (pinned=1) each on a current_thread runtime of its own OS thread - the
+/// way to keep two Tokio tasks on different threads. Returns ping's output.
+fn run_pair<A, B>(a: &Args, workers: usize, ping: A, pong: B) -> Duration
+where
+    A: Future<Output = Duration> + Send + 'static,
+    B: Future<Output = ()> + Send + 'static,
+{
+    if a.flag("pinned") {
+        let one = || runtime(a, 1, false, false);
+        let (ra, rb) = (one(), one());
+        let tb = std::thread::spawn(move || rb.block_on(pong));
+        let ta = std::thread::spawn(move || ra.block_on(ping));
+        let el = ta.join().unwrap();
+        tb.join().unwrap();
+        return el;
+    }
+    let rt = runtime(a, workers, false, false);
+    rt.block_on(async move {
+        let b = tokio::spawn(pong);
+        let el = tokio::spawn(ping).await.unwrap();
+        b.await.unwrap();
+        el
+    })
 }
 
 fn bench_chan_pingpong(a: &Args) {
     let workers = a.workers(1);
     let n = a.num("n", 1_000_000, 100_000).max(1);
-    let rt = runtime(a, workers, false, false);
-    let el = rt.block_on(async move {
-        pingpong_run(n / 10 + 1).await;
-        pingpong_run(n).await
-    });
+    let (ping, pong) = chan_pair(n);
+    let el = run_pair(a, workers, ping, pong);
     result("chan_pingpong", "ns_per_roundtrip", ns(el) / n as f64, "ns");
+}
+
+// ---------------------------------------------------------------------------
+// park_pingpong: the same round trip without channels, on two
+// tokio::sync::Notify (notify_one leaves a permit when no task waits, as
+// unpark does). Ping notifies a and waits on b; pong waits on a and
+// notifies b. Placement as for chan_pingpong (pinned=1: two threads).
+
+fn park_pair(n: u64) -> (impl Future<Output = Duration>, impl Future<Output = ()>) {
+    let (a, b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let (a2, b2) = (a.clone(), b.clone());
+    let warm = n / 10 + 1;
+    let pong = async move {
+        for _ in 0..warm + n {
+            a2.notified().await;
+            b2.notify_one();
+        }
+    };
+    let ping = async move {
+        for _ in 0..warm {
+            a.notify_one();
+            b.notified().await;
+        }
+        let t0 = Instant::now();
+        for _ in 0..n {
+            a.notify_one();
+            b.notified().await;
+        }
+        t0.elapsed()
+    };
+    (ping, pong)
+}
+
+fn bench_park_pingpong(a: &Args) {
+    let workers = a.workers(1);
+    let n = a.num("n", 1_000_000, 100_000).max(1);
+    let (ping, pong) = park_pair(n);
+    let el = run_pair(a, workers, ping, pong);
+    result("park_pingpong", "ns_per_roundtrip", ns(el) / n as f64, "ns");
+}
+
+// ---------------------------------------------------------------------------
+// mpmc: `producers` tasks (default 4) send n values in all (default
+// 2,000,000) through one channel of capacity `cap` (default 128) to
+// `consumers` tasks (default 4); the channel closes when the last producer
+// drops its sender. Tokio has no multi-consumer channel: the consumers share
+// the mpsc receiver behind a tokio::sync::Mutex (the usual pattern).
+// msgs_per_sec = n / (time until every consumer has seen the close). Every
+// value is checked to arrive once (by sum and count).
+
+fn bench_mpmc(a: &Args) {
+    let workers = a.workers(2);
+    let producers = a.num("producers", 4, 4).max(1);
+    let consumers = a.num("consumers", 4, 4).max(1);
+    let cap = a.num("cap", 128, 128).max(1) as usize;
+    let n = a.num("n", 2_000_000, 200_000).max(1);
+    let per = (n / producers).max(1);
+    let rt = runtime(a, workers, false, false);
+    let (el, sum, count) = rt.block_on(async move {
+        let (tx, rx) = mpsc::channel::<u64>(cap);
+        let rx = Arc::new(AsyncMutex::new(rx));
+        let t0 = Instant::now();
+        let mut cs = Vec::new();
+        for _ in 0..consumers {
+            let rx = rx.clone();
+            cs.push(tokio::spawn(async move {
+                let (mut s, mut k) = (0u64, 0u64);
+                loop {
+                    let v = rx.lock().await.recv().await;
+                    match v {
+                        Some(v) => {
+                            s += v;
+                            k += 1;
+                        }
+                        None => break,
+                    }
+                }
+                (s, k)
+            }));
+        }
+        for _ in 0..producers {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                for i in 1..=per {
+                    tx.send(i).await.unwrap();
+                }
+            });
+        }
+        drop(tx);
+        let (mut s, mut k) = (0u64, 0u64);
+        for c in cs {
+            let (cs_, ck) = c.await.unwrap();
+            s += cs_;
+            k += ck;
+        }
+        (t0.elapsed(), s, k)
+    });
+    let total = per * producers;
+    if count != total || sum != producers * (per * (per + 1) / 2) {
+        eprintln!("tokiobench: mpmc: {count} values (sum {sum}), want {total}");
+        exit(1);
+    }
+    result("mpmc", "msgs_per_sec", total as f64 / el.as_secs_f64(), "msgs/s");
 }
 
 // ---------------------------------------------------------------------------
@@ -730,7 +864,9 @@ fn main() {
         "switch" => bench_switch(&a),
         "spawn" => bench_spawn(&a),
         "chan_pingpong" => bench_chan_pingpong(&a),
+        "park_pingpong" => bench_park_pingpong(&a),
         "wake_latency" => bench_wake_latency(&a),
+        "mpmc" => bench_mpmc(&a),
         "mutex" => bench_mutex(&a),
         "timers" => bench_timers(&a),
         "mem_parked" => bench_mem_parked(&a),
