@@ -82,6 +82,15 @@ int zk_chan_destroy(zk_chan_t *ch)
 	return 0;
 }
 
+/* Copy one element: the common word-sized ones without a call. */
+static inline void copy_elem(zk_chan_t *ch, void *dst, const void *src)
+{
+	if (ch->esize == 8)
+		memcpy(dst, src, 8);
+	else
+		memcpy(dst, src, ch->esize);
+}
+
 static inline unsigned char *slot(zk_chan_t *ch, size_t i)
 {
 	return ch->buf + ((ch->head + i) % ch->size) * ch->esize;
@@ -114,7 +123,7 @@ static int send_now(zk_chan_t *ch, const void *elem)
 		return -EPIPE;
 	struct zk__wnode *r = zk__wq_pop_claim(&ch->recvq);
 	if (r) {
-		memcpy(r->data, elem, ch->esize);
+		copy_elem(ch, r->data, elem);
 		zk__wnode_complete(r, 0);
 		return 0;
 	}
@@ -125,7 +134,7 @@ static int send_now(zk_chan_t *ch, const void *elem)
 		if (rc)
 			return rc;
 	}
-	memcpy(slot(ch, ch->len), elem, ch->esize);
+	copy_elem(ch, slot(ch, ch->len), elem);
 	ch->len++;
 	return 0;
 }
@@ -134,13 +143,13 @@ static int send_now(zk_chan_t *ch, const void *elem)
 static int recv_now(zk_chan_t *ch, void *out)
 {
 	if (ch->len) {
-		memcpy(out, slot(ch, 0), ch->esize);
+		copy_elem(ch, out, slot(ch, 0));
 		ch->head = (ch->head + 1) % ch->size;
 		ch->len--;
 		/* A sender waiting for room takes the slot just freed. */
 		struct zk__wnode *s = zk__wq_pop_claim(&ch->sendq);
 		if (s) {
-			memcpy(slot(ch, ch->len), s->data, ch->esize);
+			copy_elem(ch, slot(ch, ch->len), s->data);
 			ch->len++;
 			zk__wnode_complete(s, 0);
 		}
@@ -148,7 +157,7 @@ static int recv_now(zk_chan_t *ch, void *out)
 	}
 	struct zk__wnode *s = zk__wq_pop_claim(&ch->sendq);
 	if (s) { /* rendezvous */
-		memcpy(out, s->data, ch->esize);
+		copy_elem(ch, out, s->data);
 		zk__wnode_complete(s, 0);
 		return 0;
 	}
@@ -361,7 +370,7 @@ static int select_impl(zk_select_case_t *cases, int n, int *result, int64_t dead
 
 	struct zk__wsel sel;
 	atomic_init(&sel.winner, -1);
-	sel.waiter.fiber = zk_self();
+	sel.waiter.fiber = zk__self();
 	atomic_init(&sel.waiter.futex, 0);
 	for (int k = 0; k < m; k++) {
 		int i = order[k];

@@ -70,7 +70,7 @@ static int publish_park(zk_fiber_t *self, void *arg)
 
 int zk_park_timed(int64_t deadline_ns)
 {
-	zk_fiber_t *self = zk_self();
+	zk_fiber_t *self = zk__self();
 	if (!self)
 		return -EPERM;
 	if (settled(self) == PERMIT_SET) {

@@ -685,7 +685,6 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		/* Read before publish: once published, p may run (and clear
 		 * its fields) on another worker. */
 		int cancellable = p->cancellable_park;
-		int hooked = atomic_load_explicit(&p->cancel_hook, memory_order_relaxed) != NULL;
 		/* PARKING while publish runs: a waker that finds p meanwhile
 		 * (publish may release a lock before it returns, and zk_cancel
 		 * needs no lock) only marks it WOKEN; p is scheduled here, once
@@ -694,7 +693,7 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		int settle = publish(p, arg) ? ZK__RUNNABLE : ZK__PARKED;
 		int expected = ZK__PARKING;
 		if (!atomic_compare_exchange_strong_explicit(&p->state, &expected, settle,
-							     memory_order_acq_rel, memory_order_acquire)) {
+							     memory_order_seq_cst, memory_order_acquire)) {
 			/* Woken during publish: the waker finishes its WAKING ->
 			 * WOKEN step (storing its reason) in a few instructions. */
 			while (atomic_load_explicit(&p->state, memory_order_acquire) != ZK__WOKEN)
@@ -706,10 +705,10 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 			zk__schedule(p);
 			break;
 		}
-		if (!cancellable && !hooked)
-			break; /* zk_cancel cannot end this wait: no race to close */
-		/* Pairs with zk_cancel: it stores cancel then reads state. */
-		zk__fence_seq_cst();
+		/* Pairs with zk_cancel, which stores cancel then reads state:
+		 * the CAS that made p PARKED and this load are both seq_cst, so
+		 * either it sees PARKED or we see cancel (no fence needed: the
+		 * seq_cst CAS is the one locked instruction either way). */
 		if (cancellable && atomic_load_explicit(&p->cancel, memory_order_seq_cst))
 			zk__unpark(p, -ECANCELED);
 		break;

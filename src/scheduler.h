@@ -108,6 +108,14 @@ struct zk_runtime {
  * anew after every switch (see the migration rule in zokio.h). */
 struct zk__worker *zk__worker_self(void);
 
+/* The running fiber, or NULL on a plain thread: zk_self() for the
+ * runtime's own hot paths, without a second call. */
+static inline zk_fiber_t *zk__self(void)
+{
+	struct zk__worker *w = zk__worker_self();
+	return w ? w->current : NULL;
+}
+
 /* Make a RUNNABLE fiber run soon: the LIFO slot of the current worker, its
  * home worker's inbox if it may not migrate, or the global injector. */
 void zk__schedule(zk_fiber_t *f);

@@ -79,11 +79,6 @@ int zk__stack_pool_init(struct zk__stack_pool *p, size_t stack_size, int canary,
 	return -pthread_mutex_init(&p->lock, NULL);
 }
 
-size_t zk__stack_usable(const struct zk__stack *s)
-{
-	return (size_t)((const char *)s - s->lo);
-}
-
 static int stack_map(struct zk__stack_pool *p, struct zk__stack **out)
 {
 	size_t guard = p->guard == ZK__GUARD_CANARY ? 0 : p->page;

@@ -51,7 +51,12 @@ void zk__stack_put(struct zk__stack_pool *p, struct zk__stack_cache *c, struct z
 /* Make sure the next zk__stack_get from c will not need a new mapping. */
 int zk__stack_reserve(struct zk__stack_pool *p, struct zk__stack_cache *c);
 void zk__stack_cache_flush(struct zk__stack_pool *p, struct zk__stack_cache *c);
-size_t zk__stack_usable(const struct zk__stack *s);
+/* Usable bytes below the top (inline: the switch path passes it to the
+ * sanitizer hooks on every jump). */
+static inline size_t zk__stack_usable(const struct zk__stack *s)
+{
+	return (size_t)((const char *)s - s->lo);
+}
 
 static inline int zk__stack_canary_ok(const struct zk__stack *s)
 {

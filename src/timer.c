@@ -221,7 +221,7 @@ int64_t zk__effective_deadline(int64_t deadline)
 {
 	if (deadline < 0)
 		deadline = ZK__NO_DEADLINE;
-	zk_fiber_t *self = zk_self();
+	zk_fiber_t *self = zk__self();
 	if (self && self->deadline < deadline)
 		deadline = self->deadline;
 	return deadline;
@@ -257,21 +257,12 @@ static int park_until_publish(zk_fiber_t *self, void *arg)
 	return 0;
 }
 
-int zk__park_until(const char *what, zk__publish_fn publish, void *arg, int flags,
-		   int64_t deadline)
+/* zk__park_until's path with a deadline, out of line so that the common
+ * untimed park is a plain tail call. */
+static __attribute__((noinline)) int park_timed(zk_fiber_t *self, const char *what,
+						zk__publish_fn publish, void *arg, int flags,
+						int64_t deadline)
 {
-	zk_fiber_t *self = zk_self();
-	if (!self)
-		return -EPERM;
-	if (!publish)
-		publish = publish_nothing;
-	if (flags & ZK__PARK_NO_FIBER_DEADLINE)
-		deadline = deadline < 0 ? ZK__NO_DEADLINE : deadline;
-	else
-		deadline = zk__effective_deadline(deadline);
-	flags &= ZK__PARK_CANCELLABLE;
-	if (deadline == ZK__NO_DEADLINE)
-		return zk__park(what, publish, arg, flags);
 	if (deadline <= zk__now())
 		return -ETIMEDOUT;
 	struct park_until pu = { publish, arg, { 0 }, deadline };
@@ -279,6 +270,24 @@ int zk__park_until(const char *what, zk__publish_fn publish, void *arg, int flag
 	int rc = zk__park(what, park_until_publish, &pu, flags);
 	zk__timer_disarm(&pu.timer);
 	return rc;
+}
+
+int zk__park_until(const char *what, zk__publish_fn publish, void *arg, int flags,
+		   int64_t deadline)
+{
+	zk_fiber_t *self = zk__self();
+	if (!self)
+		return -EPERM;
+	if (!publish)
+		publish = publish_nothing;
+	if (deadline < 0)
+		deadline = ZK__NO_DEADLINE;
+	if (!(flags & ZK__PARK_NO_FIBER_DEADLINE) && self->deadline < deadline)
+		deadline = self->deadline;
+	flags &= ZK__PARK_CANCELLABLE;
+	if (deadline == ZK__NO_DEADLINE)
+		return zk__park(what, publish, arg, flags);
+	return park_timed(self, what, publish, arg, flags, deadline);
 }
 
 /* ---- plain threads -------------------------------------------------------- */
@@ -309,7 +318,7 @@ int64_t zk_now_ns(void)
 
 int zk_sleep_until(int64_t deadline_ns)
 {
-	zk_fiber_t *self = zk_self();
+	zk_fiber_t *self = zk__self();
 	if (!self) {
 		struct timespec ts = { (time_t)(deadline_ns / 1000000000),
 				       (long)(deadline_ns % 1000000000) };
@@ -340,7 +349,7 @@ int zk_sleep_ns(int64_t ns)
 
 int zk_deadline_set(int64_t deadline_ns)
 {
-	zk_fiber_t *self = zk_self();
+	zk_fiber_t *self = zk__self();
 	if (!self)
 		return -EPERM;
 	self->deadline = deadline_ns < 0 ? ZK__NO_DEADLINE : deadline_ns;
@@ -354,6 +363,6 @@ int zk_deadline_clear(void)
 
 int64_t zk_deadline_get(void)
 {
-	zk_fiber_t *self = zk_self();
+	zk_fiber_t *self = zk__self();
 	return self && self->deadline != ZK__NO_DEADLINE ? self->deadline : -1;
 }

@@ -33,6 +33,7 @@
 
 #include "config.h"
 #include "fiber.h"
+#include "scheduler.h"
 #include "timer.h"
 
 #include <sched.h>
@@ -101,7 +102,7 @@ struct zk__wq {
 static inline void zk__wnode_init(struct zk__wnode *n, void *data, int kind)
 {
 	n->next = n->prev = NULL;
-	n->own.fiber = zk_self();
+	n->own.fiber = zk__self();
 	atomic_init(&n->own.futex, 0);
 	n->waiter = &n->own;
 	n->sel = NULL;
