@@ -105,6 +105,15 @@ static int run_main(int workers, zk_fiber_fn fn)
 	zk_runtime_t *rt = make_rt(workers);
 	zk_spawn_ex(rt, NULL, fn, NULL, NULL);
 	int rc = zk_runtime_run(rt);
+	if (getenv("ZK_BENCH_STATS")) {
+		zk_worker_stats_t st[8];
+		int n = zk_runtime_stats(rt, st, 8);
+		for (int i = 0; i < n && i < 8; i++)
+			fprintf(stderr, "# worker %d: run %llu steals %llu injector %llu parks %llu wakeups %llu\n", i,
+				(unsigned long long)st[i].fibers_run, (unsigned long long)st[i].steals,
+				(unsigned long long)st[i].injector_pops, (unsigned long long)st[i].parks,
+				(unsigned long long)st[i].wakeups);
+	}
 	zk_runtime_destroy(rt);
 	return rc ? 1 : 0;
 }
