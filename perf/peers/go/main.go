@@ -273,17 +273,21 @@ func pingpongRun(n uint64) time.Duration {
 	return el
 }
 
-func benchChanPingpong(a *args) {
+// pairBench runs a two-goroutine round-trip benchmark: warm-up n/10 round
+// trips, then n timed ones; ns_per_roundtrip. pinned=1 is NA (see above).
+func pairBench(a *args, name string, run func(uint64) time.Duration) {
 	a.workers(1)
 	if a.flag("pinned") {
-		na("chan_pingpong", "Go cannot place goroutines on given Ps")
+		na(name, "Go cannot place goroutines on given Ps")
 		return
 	}
 	n := max64(a.num("n", 1000000, 100000), 1)
-	pingpongRun(n/10 + 1)
-	el := pingpongRun(n)
-	result("chan_pingpong", "ns_per_roundtrip", float64(el.Nanoseconds())/float64(n), "ns")
+	run(n/10 + 1)
+	el := run(n)
+	result(name, "ns_per_roundtrip", float64(el.Nanoseconds())/float64(n), "ns")
 }
+
+func benchChanPingpong(a *args) { pairBench(a, "chan_pingpong", pingpongRun) }
 
 // ---------------------------------------------------------------------------
 // park_pingpong: the chan_pingpong round trip without channels. Go has no
@@ -315,17 +319,7 @@ func parkpongRun(n uint64) time.Duration {
 	return el
 }
 
-func benchParkPingpong(a *args) {
-	a.workers(1)
-	if a.flag("pinned") {
-		na("park_pingpong", "Go cannot place goroutines on given Ps")
-		return
-	}
-	n := max64(a.num("n", 1000000, 100000), 1)
-	parkpongRun(n/10 + 1)
-	el := parkpongRun(n)
-	result("park_pingpong", "ns_per_roundtrip", float64(el.Nanoseconds())/float64(n), "ns")
-}
+func benchParkPingpong(a *args) { pairBench(a, "park_pingpong", parkpongRun) }
 
 // ---------------------------------------------------------------------------
 // mpmc: `producers` goroutines (default 4) send n values in all (default

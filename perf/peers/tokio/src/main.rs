@@ -329,12 +329,22 @@ where
     })
 }
 
-fn bench_chan_pingpong(a: &Args) {
+/// A two-task round-trip benchmark: `pair(n)` builds ping (warm-up, then n
+/// timed round trips; returns their time) and pong; ns_per_roundtrip.
+fn pair_bench<A, B>(a: &Args, name: &str, pair: fn(u64) -> (A, B))
+where
+    A: Future<Output = Duration> + Send + 'static,
+    B: Future<Output = ()> + Send + 'static,
+{
     let workers = a.workers(1);
     let n = a.num("n", 1_000_000, 100_000).max(1);
-    let (ping, pong) = chan_pair(n);
+    let (ping, pong) = pair(n);
     let el = run_pair(a, workers, ping, pong);
-    result("chan_pingpong", "ns_per_roundtrip", ns(el) / n as f64, "ns");
+    result(name, "ns_per_roundtrip", ns(el) / n as f64, "ns");
+}
+
+fn bench_chan_pingpong(a: &Args) {
+    pair_bench(a, "chan_pingpong", chan_pair);
 }
 
 // ---------------------------------------------------------------------------
@@ -369,11 +379,7 @@ fn park_pair(n: u64) -> (impl Future<Output = Duration>, impl Future<Output = ()
 }
 
 fn bench_park_pingpong(a: &Args) {
-    let workers = a.workers(1);
-    let n = a.num("n", 1_000_000, 100_000).max(1);
-    let (ping, pong) = park_pair(n);
-    let el = run_pair(a, workers, ping, pong);
-    result("park_pingpong", "ns_per_roundtrip", ns(el) / n as f64, "ns");
+    pair_bench(a, "park_pingpong", park_pair);
 }
 
 // ---------------------------------------------------------------------------
