@@ -221,7 +221,14 @@ ZK_API int zk_unpark(zk_fiber_t *f);
 /* Request cancellation of f: if it is parked in a cancellable wait it wakes
  * and that call returns -ECANCELED; later cancellable calls in it return
  * -ECANCELED until it ends.  A fiber that never started will not start.
- * Any thread.  Returns 0 or -EINVAL. */
+ * Any thread.  Returns 0 or -EINVAL.
+ *
+ * Cost: cancelling is the rare side of a handshake with every park, so it
+ * carries the heavy half - one membarrier(2) system call (a few
+ * microseconds; zk_runtime_shutdown issues one for all fibers) - and parks
+ * stay free of a locked instruction.  Where membarrier is refused, or with
+ * ZOKIO_NO_MEMBARRIER=1 in the environment (read at the first
+ * zk_runtime_create), both sides use ordinary fences instead. */
 ZK_API int zk_cancel(zk_fiber_t *f);
 
 /* 1 if cancellation of the calling fiber was requested, else 0. */

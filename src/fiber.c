@@ -214,13 +214,15 @@ const char *zk_fiber_name(const zk_fiber_t *f)
 	return f && f->name ? f->name : "";
 }
 
-int zk_cancel(zk_fiber_t *f)
+void zk__cancel_mark(zk_fiber_t *f)
 {
-	if (!f)
-		return -EINVAL;
 	atomic_store_explicit(&f->cancel, 1, memory_order_seq_cst);
-	/* Pairs with after_switch(): it stores PARKED, fences, reads cancel. */
-	zk__fence_seq_cst();
+}
+
+/* After zk__cancel_mark and a zk__heavy_barrier: pairs with after_switch,
+ * which stores PARKED and then reads cancel (scheduler.c). */
+void zk__cancel_kick(zk_fiber_t *f)
+{
 	int st = atomic_load_explicit(&f->state, memory_order_seq_cst);
 	if (st == ZK__PARKING && f->cancellable_park) {
 		zk__unpark(f, -ECANCELED); /* deferred until publish is done */
@@ -231,6 +233,15 @@ int zk_cancel(zk_fiber_t *f)
 		else if (f->cancellable_park)
 			zk__unpark(f, -ECANCELED);
 	}
+}
+
+int zk_cancel(zk_fiber_t *f)
+{
+	if (!f)
+		return -EINVAL;
+	zk__cancel_mark(f);
+	zk__heavy_barrier();
+	zk__cancel_kick(f);
 	return 0;
 }
 

@@ -105,8 +105,32 @@ void zk__waiter_block(struct zk__waiter *w);
  */
 typedef int (*zk__publish_fn)(zk_fiber_t *self, void *arg);
 #define ZK__PARK_CANCELLABLE 1
+/* ZK__PARK_PUBLISH_LAST: a promise about publish, which lets the scheduler
+ * skip the PARKING state and the locked instruction that settles it.
+ * publish must call zk__park_commit(self) after its last access to the
+ * fiber's stack (arg) and before the release that makes the fiber visible
+ * to wakers - or return 1 without making it visible.  Typically: copy what
+ * it needs out of arg, commit, unlock. */
+#define ZK__PARK_PUBLISH_LAST 4
+
+/* In a publish: from here the fiber counts as PARKED (see above).  A no-op
+ * when the park runs the PARKING protocol instead (the state is then
+ * PARKING, not RUNNING), so one publish function serves both. */
+static inline void zk__park_commit(zk_fiber_t *self)
+{
+	if (atomic_load_explicit(&self->state, memory_order_relaxed) == ZK__RUNNING)
+		atomic_store_explicit(&self->state, ZK__PARKED, memory_order_release);
+}
 int zk__park(const char *what, zk__publish_fn publish, void *arg, int flags);
 int zk__unpark(zk_fiber_t *f, int reason);
+
+/* Cancellation's two halves (zk_cancel = mark, heavy barrier, kick), split
+ * so that zk_runtime_shutdown pays for one barrier, not one per fiber. */
+void zk__cancel_mark(zk_fiber_t *f);
+void zk__cancel_kick(zk_fiber_t *f);
+/* The heavy side of the asymmetric barrier that pairs a cancel with the
+ * light (compiler-only) side in a fast park: see scheduler.c. */
+void zk__heavy_barrier(void);
 
 struct zk__worker;
 /* w: the calling worker if it belongs to rt, else NULL. */

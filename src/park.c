@@ -59,6 +59,7 @@ static int publish_park(zk_fiber_t *self, void *arg)
 {
 	struct park_arg *p = arg;
 	p->published = 1;
+	zk__park_commit(self); /* unparkers need PARKED; p is not touched again */
 	uint8_t expected = PERMIT_NONE;
 	if (atomic_compare_exchange_strong_explicit(&self->park_permit, &expected, PERMIT_PARKED,
 						    memory_order_acq_rel, memory_order_acquire))
@@ -79,7 +80,9 @@ int zk_park_timed(int64_t deadline_ns)
 		return 0;
 	}
 	struct park_arg p = { 0 };
-	int rc = zk__park_until("park", publish_park, &p, ZK__PARK_CANCELLABLE, deadline_ns);
+	/* publish_park's CAS is its last access (PUBLISH_LAST) */
+	int rc = zk__park_until("park", publish_park, &p,
+				ZK__PARK_CANCELLABLE | ZK__PARK_PUBLISH_LAST, deadline_ns);
 	if (rc == 0) {
 		/* the permit was consumed by publish or by the unparker's claim */
 		settled(self);

@@ -100,13 +100,23 @@ void zk_runtime_shutdown(zk_runtime_t *rt)
 {
 	if (!rt)
 		return;
+	/* As zk_cancel, in two passes around one heavy barrier: mark every
+	 * live fiber, then wake those parked. */
 	pthread_mutex_lock(&rt->rec_lock);
-	for (struct zk__slab *s = rt->slabs; s; s = s->next) {
-		for (size_t i = 0; i < s->n; i++) {
-			zk_fiber_t *f = &s->recs[i];
-			int st = atomic_load_explicit(&f->state, memory_order_acquire);
-			if (st != ZK__FREE && st != ZK__DONE)
-				zk_cancel(f);
+	for (int pass = 0; pass < 2; pass++) {
+		if (pass == 1)
+			zk__heavy_barrier();
+		for (struct zk__slab *s = rt->slabs; s; s = s->next) {
+			for (size_t i = 0; i < s->n; i++) {
+				zk_fiber_t *f = &s->recs[i];
+				int st = atomic_load_explicit(&f->state, memory_order_acquire);
+				if (st == ZK__FREE || st == ZK__DONE)
+					continue;
+				if (pass == 0)
+					zk__cancel_mark(f);
+				else
+					zk__cancel_kick(f);
+			}
 		}
 	}
 	pthread_mutex_unlock(&rt->rec_lock);

@@ -42,6 +42,8 @@
 #include <errno.h>
 #include <sched.h>
 #include <linux/futex.h>
+#include <linux/membarrier.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -506,7 +508,8 @@ void zk__fiber_free(zk_fiber_t *f)
 #define FIBER_TSAN(f) NULL
 #endif
 
-enum { SW_RUN, SW_YIELD, SW_PARK, SW_EXIT };
+/* SW_PARK_LAST: SW_PARK whose publish promised ZK__PARK_PUBLISH_LAST */
+enum { SW_RUN, SW_YIELD, SW_PARK, SW_PARK_LAST, SW_EXIT };
 
 struct zk__switch {
 	zk_fiber_t *prev; /* the fiber just left; NULL when leaving the scheduler */
@@ -681,6 +684,36 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		atomic_store_explicit(&p->state, ZK__RUNNABLE, memory_order_relaxed);
 		fifo_push(&w->local, p);
 		break;
+	case SW_PARK_LAST: {
+		/* publish marks p PARKED itself (zk__park_commit) just before
+		 * the release that makes it visible, its last access to p's
+		 * stack: no PARKING state and no locked instruction to settle
+		 * it.  The cancel check pairs with zk_cancel (store cancel,
+		 * heavy barrier, load state): the barrier orders our PARKED
+		 * store before the load below, so either zk_cancel sees PARKED
+		 * and wakes p, or we see the flag.  (p may be running
+		 * elsewhere by now; only its record is touched.) */
+		int cancellable = p->cancellable_park;
+		if (publish(p, arg)) {
+			/* not made visible: runnable again - unless it was
+			 * committed and a canceller has woken it meanwhile */
+			int expected = ZK__PARKED;
+			if (atomic_load_explicit(&p->state, memory_order_relaxed) == ZK__RUNNING) {
+				atomic_store_explicit(&p->state, ZK__RUNNABLE, memory_order_relaxed);
+				zk__schedule(p);
+			} else if (atomic_compare_exchange_strong_explicit(&p->state, &expected,
+									   ZK__RUNNABLE,
+									   memory_order_acq_rel,
+									   memory_order_acquire)) {
+				zk__schedule(p);
+			}
+			break;
+		}
+		atomic_signal_fence(memory_order_seq_cst);
+		if (cancellable && atomic_load_explicit(&p->cancel, memory_order_relaxed))
+			zk__unpark(p, -ECANCELED);
+		break;
+	}
 	case SW_PARK: {
 		/* Read before publish: once published, p may run (and clear
 		 * its fields) on another worker. */
@@ -784,6 +817,39 @@ void zk__yield(zk_fiber_t *self)
 	atomic_store_explicit(&self->state, ZK__RUNNING, memory_order_relaxed);
 }
 
+/* ---- the asymmetric barrier between parking and cancelling -------------
+ *
+ * A park with ZK__PARK_PUBLISH_LAST stores PARKED and later loads the
+ * cancel flag with only a compiler barrier between; zk_cancel stores the
+ * flag and later loads the state.  Without a full barrier on both sides
+ * each could miss the other (a store-load reordering), and a cancelled
+ * fiber would sleep on.  Parks are frequent and cancels rare, so the cost
+ * goes to the canceller: membarrier(PRIVATE_EXPEDITED) makes every running
+ * thread of the process execute a full barrier before it returns.  Where
+ * it is not available (old kernel, seccomp, valgrind) parks keep the
+ * locked-instruction protocol (SW_PARK) and the canceller a plain fence.
+ * ThreadSanitizer cannot see membarrier: TSan builds use the fallback. */
+static int asym_barrier;
+static pthread_once_t asym_once = PTHREAD_ONCE_INIT;
+
+static void asym_probe(void)
+{
+#if !defined(ZK_TSAN) && defined(SYS_membarrier)
+	if (!getenv("ZOKIO_NO_MEMBARRIER") &&
+	    syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0)
+		asym_barrier = 1;
+#endif
+}
+
+void zk__heavy_barrier(void)
+{
+#if !defined(ZK_TSAN) && defined(SYS_membarrier)
+	if (asym_barrier && syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0)
+		return;
+#endif
+	zk__fence_seq_cst();
+}
+
 int zk__park(const char *what, zk__publish_fn publish, void *arg, int flags)
 {
 	struct zk__worker *w = zk__worker_self();
@@ -796,7 +862,8 @@ int zk__park(const char *what, zk__publish_fn publish, void *arg, int flags)
 	self->waiting_on = what;
 	atomic_store_explicit(&self->cancellable_park, (uint8_t)cancellable, memory_order_relaxed);
 	self->wake_reason = 0;
-	struct zk__switch sw = { self, SW_PARK, publish, arg };
+	int how = (flags & ZK__PARK_PUBLISH_LAST) && asym_barrier ? SW_PARK_LAST : SW_PARK;
+	struct zk__switch sw = { self, how, publish, arg };
 	switch_away(w, self, &sw);
 	self->waiting_on = NULL;
 	atomic_store_explicit(&self->cancellable_park, 0, memory_order_relaxed);
@@ -1130,6 +1197,9 @@ static void *worker_main(void *arg)
 
 int zk__sched_init(zk_runtime_t *rt)
 {
+	/* before any worker of any runtime parks: asym_barrier never
+	 * changes while one runs */
+	pthread_once(&asym_once, asym_probe);
 	int n = rt->nworkers;
 	rt->workers = aligned_alloc(64, sizeof(struct zk__worker) * (size_t)n);
 	if (!rt->workers)

@@ -284,10 +284,12 @@ int zk__park_until(const char *what, zk__publish_fn publish, void *arg, int flag
 		deadline = ZK__NO_DEADLINE;
 	if (!(flags & ZK__PARK_NO_FIBER_DEADLINE) && self->deadline < deadline)
 		deadline = self->deadline;
-	flags &= ZK__PARK_CANCELLABLE;
 	if (deadline == ZK__NO_DEADLINE)
-		return zk__park(what, publish, arg, flags);
-	return park_timed(self, what, publish, arg, flags, deadline);
+		return zk__park(what, publish, arg,
+				flags & (ZK__PARK_CANCELLABLE | ZK__PARK_PUBLISH_LAST));
+	/* park_until_publish still touches its record after the inner
+	 * publish: never PUBLISH_LAST */
+	return park_timed(self, what, publish, arg, flags & ZK__PARK_CANCELLABLE, deadline);
 }
 
 /* ---- plain threads -------------------------------------------------------- */

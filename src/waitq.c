@@ -17,8 +17,11 @@ struct wq_publish {
 static int wq_publish(zk_fiber_t *self, void *arg)
 {
 	struct wq_publish *p = arg;
+	void (*unlock)(void *) = p->unlock;
+	void *unlock_arg = p->arg;
 	p->published = 1;
-	p->unlock(p->arg);
+	zk__park_commit(self); /* p lives on self's stack: done with it */
+	unlock(unlock_arg);
 	return 0;
 }
 
@@ -40,7 +43,9 @@ int zk__wq_wait_locked(struct zk__spin *lock, struct zk__wq *q, struct zk__wnode
 		       const char *what, int flags, int64_t deadline)
 {
 	for (;;) {
-		int rc = zk__wq_wait(n->waiter, what, zk__spin_unlock_cb, lock, flags, deadline);
+		/* publish only releases the one lock: nothing after that */
+		int rc = zk__wq_wait(n->waiter, what, zk__spin_unlock_cb, lock,
+				     flags | ZK__PARK_PUBLISH_LAST, deadline);
 		/* rc == 0: woken by the waker that completed n (wakers set done
 		 * before waking, and the wake orders it before this read). */
 		if (rc == 0 && n->done)

@@ -815,6 +815,108 @@ START_TEST(test_park_unpark_pingpong_across_workers_loses_no_wakeups)
 }
 END_TEST
 
+/* ---- cancellation racing a park ------------------------------------------------
+ *
+ * A park may be entered just as zk_cancel runs on another worker: the
+ * fiber checks the flag, switches away, and only then becomes PARKED.
+ * However the two interleave, the fiber must wake with -ECANCELED (the
+ * store-load pairing in scheduler.c, after_switch / zk_cancel).  Each
+ * victim yields a pseudo-random number of times and then parks in a
+ * channel receive or zk_park that nothing else ends; the canceller, on
+ * the other worker, cancels it after a pseudo-random spin.  A lost cancel
+ * leaves a victim asleep forever: the watchdog reports it. */
+struct cancel_race {
+	zk_chan_t *ch;
+	long n;
+	_Atomic long done;  /* victims that ran and saw their cancel */
+	_Atomic long iters; /* victims joined: the watchdog's progress */
+	_Atomic long armed; /* the victim is about to park */
+};
+
+static void *cancel_victim(void *arg)
+{
+	struct cancel_race *cr = arg;
+	uint64_t x = zk_fiber_id(zk_self()) * 0x9e3779b97f4a7c15ull;
+	for (int i = (int)(x >> 61); i > 0; i--)
+		zk_yield();
+	atomic_store(&cr->armed, 1);
+	int rc;
+	if (x & 1) {
+		uint64_t v;
+		rc = zk_chan_recv(cr->ch, &v);
+	} else {
+		while ((rc = zk_park()) == 0)
+			; /* a permit is never given: only cancellation ends this */
+	}
+	atomic_fetch_add(&cr->done, 1);
+	return (void *)(intptr_t)rc;
+}
+
+static void *cancel_race_main(void *arg)
+{
+	struct cancel_race *cr = arg;
+	for (long i = 0; i < cr->n; i++) {
+		zk_fiber_t *v;
+		atomic_store(&cr->armed, 0);
+		ck_assert_int_eq(zk_spawn_on(NULL, 0, &v, cancel_victim, cr, NULL), 0);
+		/* mostly just as the victim parks: a few hundred ns either way */
+		if (i % 8)
+			while (!atomic_load(&cr->armed))
+				cpu_relax();
+		for (long k = (i * 7919) % 24; k > 0; k--)
+			cpu_relax();
+		ck_assert_int_eq(zk_cancel(v), 0);
+		void *r = NULL;
+		int rc = zk_join(v, &r);
+		/* cancelled before it started: it never runs (join says so);
+		 * else its wait ends with -ECANCELED, whether the cancel came
+		 * before, during or after the park */
+		if (rc == 0)
+			ck_assert_int_eq((intptr_t)r, -ECANCELED);
+		else
+			ck_assert_int_eq(rc, -ECANCELED);
+		atomic_fetch_add(&cr->iters, 1);
+	}
+	return NULL;
+}
+
+static void cancel_race_run(void)
+{
+	struct cancel_race cr;
+	memset(&cr, 0, sizeof(cr));
+	cr.n = scaled(10000, 1000);
+	zk_runtime_t *rt = rt_new(2, 0);
+	ck_assert_int_eq(zk_chan_create(&cr.ch, sizeof(uint64_t), 0), 0);
+	struct watchdog wd;
+	watchdog_start(&wd, rt, 10, 240, "cancel racing a park", &cr.iters);
+	zk_fiber_t *f;
+	ck_assert_int_eq(zk_spawn_on(rt, 1, &f, cancel_race_main, &cr, NULL), 0);
+	ck_assert_int_eq(zk_runtime_run(rt), 0);
+	ck_assert_int_eq(zk_join(f, NULL), 0);
+	watchdog_stop(&wd);
+	ck_assert_int_eq(atomic_load(&cr.iters), cr.n);
+	if (getenv("ZK_TEST_VERBOSE"))
+		fprintf(stderr, "cancel race: %ld of %ld victims parked or ran\n", atomic_load(&cr.done), cr.n);
+	ck_assert_int_eq(zk_chan_destroy(cr.ch), 0);
+	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+}
+
+START_TEST(test_cancel_racing_a_park_always_wakes_the_fiber)
+{
+	cancel_race_run();
+}
+END_TEST
+
+/* The same with the portable protocol (PARKING state, a fence on both
+ * sides) that parks use where membarrier is missing.  The probe runs once
+ * per process, at the first runtime: Check forks a process per test. */
+START_TEST(test_cancel_racing_a_park_without_membarrier)
+{
+	setenv("ZOKIO_NO_MEMBARRIER", "1", 1);
+	cancel_race_run();
+}
+END_TEST
+
 /* ---- pinning and no_migration ------------------------------------------- */
 
 START_TEST(test_pinned_fibers_never_change_worker)
@@ -1674,6 +1776,8 @@ static Suite *sched_suite(void)
 	tcase_add_test(tc, test_token_pingpong_across_workers_loses_no_wakeups);
 	tcase_add_test(tc, test_park_unpark_pingpong_across_workers_loses_no_wakeups);
 	tcase_add_test(tc, test_park_unpark_permit_semantics);
+	tcase_add_test(tc, test_cancel_racing_a_park_always_wakes_the_fiber);
+	tcase_add_test(tc, test_cancel_racing_a_park_without_membarrier);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("placement");
