@@ -282,7 +282,9 @@ ZK_API int64_t zk_deadline_get(void);
  *     objects work from plain threads, where waiting blocks the thread, so
  *     fibers and threads may share them.  Any thread, unless noted.
  *   - Waiting is first come, first served: a release hands the object to
- *     the longest waiter (no barging, no starvation).
+ *     the longest waiter (no barging, no starvation).  The mutex is the
+ *     exception: it lets a running locker barge in, and switches to
+ *     hand-off only when a waiter starves (see below).
  *   - Every wait honours the fiber's deadline (-ETIMEDOUT) and cancellation
  *     (-ECANCELED); the *_timed variants add their own absolute deadline
  *     (zk_now_ns() clock, < 0 = none).  A failed wait leaves the object as
@@ -314,8 +316,27 @@ typedef struct zk_barrier { uint64_t opaque_[4]; } zk_barrier_t;
 
 /* Mutex.  lock: 0, -ETIMEDOUT, -ECANCELED.  trylock: 0 or -EBUSY.  unlock:
  * 0, or -EPERM if it was not locked (ownership is not checked: any fiber
- * or thread may unlock, as with a binary semaphore).  Under contention a
- * locker on a multi-worker runtime spins briefly, then queues. */
+ * or thread may unlock, as with a binary semaphore).  Uncontended lock and
+ * unlock are one atomic compare-and-swap each.
+ *
+ * Fairness works as in Go's sync.Mutex.  Normally unlock frees the mutex
+ * and wakes the longest waiter to compete for it, and a fiber or thread
+ * that is running (no wake-up to wait for) may take it first: under
+ * contention this keeps the mutex busy instead of idle while each waiter
+ * wakes up, several times the throughput of strict hand-off.  A woken
+ * waiter that loses goes back to the front of the queue.  Once a waiter
+ * has waited more than 1 ms, the mutex switches to hand-off (starvation)
+ * mode: unlock gives it directly to the longest waiter, newcomers queue
+ * behind, and trylock fails, until the queue empties or the waiter
+ * served has waited less than 1 ms.  So no waiter starves: once it has
+ * waited 1 ms it is served in arrival order, behind only the waiters
+ * queued before it.
+ *
+ * The common rules above hold; "the release wins" a race with a timeout
+ * in the sense that a waiter woken to compete still gets one last try:
+ * it succeeds if the mutex is free, else fails with -ETIMEDOUT or
+ * -ECANCELED.  A locker on a multi-worker runtime spins briefly before
+ * it queues (not in hand-off mode). */
 ZK_API int zk_mutex_init(zk_mutex_t *m);
 ZK_API int zk_mutex_destroy(zk_mutex_t *m);
 ZK_API int zk_mutex_lock(zk_mutex_t *m);

@@ -9,8 +9,10 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "zokio.h"
 
@@ -198,7 +200,9 @@ START_TEST(test_mutex_counter_incremented_by_1000_fibers_is_exact)
 }
 END_TEST
 
-/* Hand-off: waiters get the mutex in arrival order. */
+/* Waiters are served in arrival order; a running fiber may barge in
+ * (normal mode) until a waiter that lost after more than 1 ms switches the
+ * mutex to hand-off mode.  One worker makes every step deterministic. */
 static int handoff_log[8], handoff_n;
 
 static void *handoff_waiter(void *arg)
@@ -217,21 +221,198 @@ static void *handoff_main(void *arg)
 		ck_assert_int_eq(zk_spawn(&f[i], handoff_waiter, (void *)i), 0);
 		zk_sleep_ns(MS / 2); /* let it queue: arrival order = i */
 	}
+	/* Normal mode: unlock frees the mutex and wakes waiter 0 to compete;
+	 * we are running, so we get it first (barging). */
+	ck_assert_int_eq(zk_mutex_unlock(&mu), 0);
+	ck_assert_int_eq(zk_mutex_trylock(&mu), 0);
+	/* Waiter 0 runs, loses after waiting > 1 ms, and turns on hand-off
+	 * mode from the head of the queue. */
+	zk_sleep_ns(MS);
+	ck_assert_int_eq(handoff_n, 0);
 	ck_assert_int_eq(zk_mutex_unlock(&mu), 0);
 	/* barging attempt: the mutex belongs to waiter 0 now */
 	ck_assert_int_eq(zk_mutex_trylock(&mu), -EBUSY);
 	for (int i = 0; i < 8; i++)
 		join_rc(f[i]);
+	/* the queue drained: back to normal mode, free */
+	ck_assert_int_eq(zk_mutex_destroy(&mu), 0);
 	return NULL;
 }
 
-START_TEST(test_mutex_hands_off_to_the_longest_waiter)
+START_TEST(test_mutex_barges_then_hands_off_to_a_starving_waiter_in_arrival_order)
 {
 	handoff_n = 0;
 	run_on(1, handoff_main, NULL);
 	ck_assert_int_eq(handoff_n, 8);
 	for (int i = 0; i < 8; i++)
 		ck_assert_int_eq(handoff_log[i], i);
+}
+END_TEST
+
+/* A watchdog for the tests that could hang on a lost wake-up: past
+ * `limit` seconds it dumps the runtime's fibers and aborts, so a hang
+ * says where it is stuck instead of just timing out. */
+struct watchdog {
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int stopped, limit;
+	const char *what;
+	zk_runtime_t *rt;
+};
+
+static void *watchdog_main(void *arg)
+{
+	struct watchdog *wd = arg;
+	struct timespec dl;
+	clock_gettime(CLOCK_MONOTONIC, &dl);
+	dl.tv_sec += wd->limit;
+	int expired = 0;
+	pthread_mutex_lock(&wd->lock);
+	while (!wd->stopped && !expired)
+		expired = pthread_cond_timedwait(&wd->cond, &wd->lock, &dl) == ETIMEDOUT;
+	pthread_mutex_unlock(&wd->lock);
+	if (expired && !wd->stopped) {
+		fprintf(stderr, "watchdog: %s: still running after %d s; live fibers:\n", wd->what,
+			wd->limit);
+		zk_runtime_dump(wd->rt, 2);
+		abort();
+	}
+	return NULL;
+}
+
+static void watchdog_start(struct watchdog *wd, zk_runtime_t *rt, int limit, const char *what)
+{
+	memset(wd, 0, sizeof(*wd));
+	wd->limit = limit;
+	wd->what = what;
+	wd->rt = rt;
+	pthread_mutex_init(&wd->lock, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&wd->cond, &ca);
+	pthread_condattr_destroy(&ca);
+	ck_assert_int_eq(pthread_create(&wd->thread, NULL, watchdog_main, wd), 0);
+}
+
+static void watchdog_stop(struct watchdog *wd)
+{
+	pthread_mutex_lock(&wd->lock);
+	wd->stopped = 1;
+	pthread_cond_signal(&wd->cond);
+	pthread_mutex_unlock(&wd->lock);
+	pthread_join(wd->thread, NULL);
+	pthread_cond_destroy(&wd->cond);
+	pthread_mutex_destroy(&wd->lock);
+}
+
+/* No starvation: two greedy fibers, one per worker, re-take the mutex the
+ * moment they release it and hold it across a switch - so a woken waiter
+ * always finds it taken again, and with barging alone it would never get
+ * in.  Victim fibers and a victim plain thread must still each get their
+ * turns while the greedy ones run.  Bounded by iterations, not time: the
+ * greedy loops stop when the victims are done or after GREEDY_MAX turns
+ * (far more than 1 ms of waiting per victim turn needs, however slow the
+ * machine), and the test fails if a victim was left behind. */
+enum { GREEDY = 2, VICTIMS = 4, VICTIM_TURNS = 20, GREEDY_MAX = 5000000 };
+
+struct starve {
+	zk_mutex_t mu;
+	int inside;
+	int victims_left;       /* fiber victims + the thread */
+	long greedy_turns[GREEDY];
+	long victim_turns;
+};
+
+static void starve_section(struct starve *st)
+{
+	ck_assert_int_eq(__atomic_add_fetch(&st->inside, 1, __ATOMIC_RELAXED), 1);
+	__atomic_sub_fetch(&st->inside, 1, __ATOMIC_RELAXED);
+}
+
+static void *greedy(void *arg)
+{
+	struct starve *st = arg;
+	int me = zk_worker_index();
+	long i = 0;
+	while (__atomic_load_n(&st->victims_left, __ATOMIC_ACQUIRE) > 0 && i < GREEDY_MAX) {
+		ck_assert_int_eq(zk_mutex_lock(&st->mu), 0);
+		starve_section(st);
+		zk_yield(); /* hold it across a switch */
+		ck_assert_int_eq(zk_mutex_unlock(&st->mu), 0);
+		i++;
+	}
+	st->greedy_turns[me] = i;
+	return NULL;
+}
+
+static void victim_turns(struct starve *st)
+{
+	for (int t = 0; t < VICTIM_TURNS; t++) {
+		ck_assert_int_eq(zk_mutex_lock(&st->mu), 0);
+		starve_section(st);
+		__atomic_add_fetch(&st->victim_turns, 1, __ATOMIC_RELAXED);
+		ck_assert_int_eq(zk_mutex_unlock(&st->mu), 0);
+	}
+	__atomic_sub_fetch(&st->victims_left, 1, __ATOMIC_RELEASE);
+}
+
+static void *victim(void *arg)
+{
+	victim_turns(arg);
+	return NULL;
+}
+
+static void *victim_thread(void *arg)
+{
+	victim_turns(arg);
+	return NULL;
+}
+
+static void *starve_main(void *arg)
+{
+	struct starve *st = arg;
+	zk_runtime_t *rt = zk_runtime_current();
+	zk_fiber_t *g[GREEDY], *v[VICTIMS];
+	for (int i = 0; i < GREEDY; i++)
+		ck_assert_int_eq(zk_spawn_on(rt, i, &g[i], greedy, st, NULL), 0);
+	zk_sleep_ns(MS); /* the greedy ones are at it */
+	for (int i = 0; i < VICTIMS; i++)
+		ck_assert_int_eq(zk_spawn_on(rt, i % 2, &v[i], victim, st, NULL), 0);
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, victim_thread, st), 0);
+	for (int i = 0; i < VICTIMS; i++)
+		join_rc(v[i]);
+	for (int i = 0; i < GREEDY; i++)
+		join_rc(g[i]);
+	pthread_join(th, NULL); /* done: the greedy loops end only after it */
+	return NULL;
+}
+
+START_TEST(test_mutex_waiters_do_not_starve_behind_barging_lockers)
+{
+	struct starve st;
+	memset(&st, 0, sizeof(st));
+	st.victims_left = VICTIMS + 1;
+	zk_runtime_opts_t o;
+	zk_runtime_opts_init(&o);
+	o.workers = 2;
+	zk_runtime_t *rt;
+	ck_assert_int_eq(zk_runtime_create(&rt, &o), 0);
+	ck_assert_int_eq(zk_spawn_ex(rt, NULL, starve_main, &st, NULL), 0);
+	struct watchdog wd;
+	watchdog_start(&wd, rt, 120, "mutex starvation");
+	ck_assert_int_eq(zk_runtime_run(rt), 0);
+	watchdog_stop(&wd);
+	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+	/* every victim turn happened while the greedy fibers were still
+	 * running (their loops stop only once the victims are done) */
+	ck_assert_int_eq(st.victims_left, 0);
+	ck_assert_int_eq(st.victim_turns, (VICTIMS + 1) * VICTIM_TURNS);
+	for (int i = 0; i < GREEDY; i++)
+		ck_assert_int_lt(st.greedy_turns[i], GREEDY_MAX);
+	ck_assert_int_eq(zk_mutex_destroy(&st.mu), 0);
 }
 END_TEST
 
@@ -1151,7 +1332,8 @@ int main(void)
 	tcase_add_test(tc, test_chan_mpmc_delivers_a_million_messages_exactly_once);
 	tcase_add_test(tc, test_chan_rendezvous_and_unbounded_deliver_exactly_once);
 	tcase_add_test(tc, test_mutex_counter_incremented_by_1000_fibers_is_exact);
-	tcase_add_test(tc, test_mutex_hands_off_to_the_longest_waiter);
+	tcase_add_test(tc, test_mutex_barges_then_hands_off_to_a_starving_waiter_in_arrival_order);
+	tcase_add_test(tc, test_mutex_waiters_do_not_starve_behind_barging_lockers);
 	tcase_add_test(tc, test_chan_close_wakes_parked_senders_and_receivers);
 	tcase_add_test(tc, test_select_chooses_uniformly_among_ready_cases);
 	tcase_add_test(tc, test_select_waits_times_out_and_has_a_default);
