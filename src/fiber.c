@@ -157,10 +157,13 @@ static void end_unlock(zk_fiber_t *f, struct zk__end_node *head)
 	atomic_store_explicit(&f->joiner, (uintptr_t)head, memory_order_release);
 }
 
-void zk__fiber_end_notify(zk_fiber_t *f)
+/* The index of zk_join's node: the one wait no timeout or cancel ends. */
+#define END_JOIN (-1)
+
+/* The end of f found waiters (or a list being changed) in w. */
+void zk__fiber_end_notify_slow(zk_fiber_t *f, uintptr_t w)
 {
 	unsigned spins = 0;
-	uintptr_t w = atomic_load_explicit(&f->joiner, memory_order_relaxed);
 	for (;;) {
 		if (w & ZK__JOIN_LOCK) {
 			end_backoff(&spins);
@@ -171,37 +174,53 @@ void zk__fiber_end_notify(zk_fiber_t *f)
 		 * withdraws meanwhile waits until every wake is delivered. */
 		uintptr_t to = w == 0 || w == ZK__JOIN_DETACHED ? ZK__JOIN_DONE
 							     : ZK__JOIN_DONE | ZK__JOIN_LOCK;
-		/* release: the result and err stores before the end */
 		if (atomic_compare_exchange_weak_explicit(&f->joiner, &w, to, memory_order_acq_rel,
 							  memory_order_relaxed))
 			break;
 	}
-	if (w == ZK__JOIN_DETACHED) {
-		zk__fiber_free(f); /* nobody holds the handle: the end frees */
-		return;
-	}
-	if (w == 0)
+	/* The last waiter withdrew meanwhile (and the handle may have been
+	 * detached since). */
+	if (w == ZK__JOIN_DETACHED)
+		zk__fiber_free(f);
+	if (w == 0 || w == ZK__JOIN_DETACHED)
 		return;
 	for (struct zk__end_node *n = (struct zk__end_node *)w, *next; n; n = next) {
 		next = n->next; /* n may vanish once its waiter is woken... */
 		struct zk__end_wait *ew = n->w;
 		int open = -1;
-		if (atomic_compare_exchange_strong_explicit(&ew->winner, &open, n->index,
-							    memory_order_acq_rel, memory_order_acquire))
+		if (n->index == END_JOIN) {
+			/* zk_join's node: nothing else can end or close its wait */
+			atomic_store_explicit(&ew->winner, 0, memory_order_release);
+			zk__waiter_wake(&ew->waiter);
+		} else if (atomic_compare_exchange_strong_explicit(&ew->winner, &open, n->index,
+								   memory_order_acq_rel,
+								   memory_order_acquire)) {
 			zk__waiter_wake(&ew->waiter); /* ...but not before we unlock */
+		}
 	}
 	atomic_store_explicit(&f->joiner, ZK__JOIN_DONE, memory_order_release);
 }
 
-/* Put nd on f's end list.  Returns 1 instead if f has already ended. */
+/* Put nd on f's end list.  Returns 1 instead if f has already ended.
+ * A push needs no lock: it only succeeds while nobody holds it, and a
+ * head that was removed and put back meanwhile is still a valid next. */
 static int end_register(zk_fiber_t *f, struct zk__end_node *nd)
 {
-	uintptr_t w = end_lock(f);
-	if (w == ZK__JOIN_DONE || w == ZK__JOIN_DETACHED)
-		return 1;
-	nd->next = (struct zk__end_node *)w;
-	end_unlock(f, nd);
-	return 0;
+	unsigned spins = 0;
+	uintptr_t w = atomic_load_explicit(&f->joiner, memory_order_acquire);
+	for (;;) {
+		if (w == ZK__JOIN_DONE || w == ZK__JOIN_DETACHED)
+			return 1;
+		if (w & ZK__JOIN_LOCK) {
+			end_backoff(&spins);
+			w = atomic_load_explicit(&f->joiner, memory_order_acquire);
+			continue;
+		}
+		nd->next = (struct zk__end_node *)w;
+		if (atomic_compare_exchange_weak_explicit(&f->joiner, &w, (uintptr_t)nd,
+							  memory_order_release, memory_order_acquire))
+			return 0;
+	}
 }
 
 /* Take nd off f's end list; if f's end took the list, wait until it has
@@ -320,9 +339,20 @@ int zk_join(zk_fiber_t *f, void **result)
 	if (rc)
 		return rc;
 	if (atomic_load_explicit(&f->joiner, memory_order_acquire) != ZK__JOIN_DONE) {
-		/* Only the end may let us go: neither deadline nor cancel. */
-		struct zk__end_node nd;
-		end_wait(&f, 1, &nd, "join", ZK__PARK_NO_FIBER_DEADLINE, -1);
+		/* Only the end may let us go (neither deadline nor cancel), so
+		 * the node is never withdrawn: the end takes it. */
+		struct zk__end_node nd = { .next = NULL, .index = END_JOIN };
+		struct end_ctx c = { .tasks = &f, .nodes = &nd, .n = 1, .registered = 0 };
+		atomic_init(&c.ew.winner, -1);
+		c.ew.waiter.fiber = zk_self();
+		atomic_init(&c.ew.waiter.futex, 0);
+		nd.w = &c.ew;
+		if (c.ew.waiter.fiber) {
+			while (atomic_load_explicit(&c.ew.winner, memory_order_acquire) < 0)
+				zk__park("join", end_publish, &c, 0);
+		} else if (!end_publish(NULL, &c)) {
+			zk__waiter_block(&c.ew.waiter);
+		}
 	}
 	return join_finish(f, result);
 }

@@ -109,8 +109,24 @@ struct zk__end_node {
 
 /* The fiber ended: mark it DONE, wake every waiter of its end word, free
  * the record if it was detached.  Called once, by the worker that ran the
- * fiber's end (scheduler.c), never on f's own stack. */
-void zk__fiber_end_notify(zk_fiber_t *f);
+ * fiber's end (scheduler.c), never on f's own stack.  Inline for the
+ * common cases (nobody waits, or detached); fiber.c has the rest. */
+void zk__fiber_end_notify_slow(zk_fiber_t *f, uintptr_t w);
+void zk__fiber_free(zk_fiber_t *f);
+
+static inline void zk__fiber_end_notify(zk_fiber_t *f)
+{
+	/* release: the result and err stores before the end */
+	uintptr_t w = 0;
+	if (atomic_compare_exchange_strong_explicit(&f->joiner, &w, ZK__JOIN_DONE,
+						    memory_order_acq_rel, memory_order_relaxed))
+		return;
+	if (w == ZK__JOIN_DETACHED) {
+		zk__fiber_free(f); /* nobody holds the handle: the end frees */
+		return;
+	}
+	zk__fiber_end_notify_slow(f, w);
+}
 
 /* Wake whoever waits on w.  The waiter may be gone the moment this returns. */
 void zk__waiter_wake(struct zk__waiter *w);
@@ -144,7 +160,7 @@ int zk__unpark(zk_fiber_t *f, int reason);
 struct zk__worker;
 /* w: the calling worker if it belongs to rt, else NULL. */
 zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt, struct zk__worker *w);
-void zk__fiber_free(zk_fiber_t *f);     /* see the lifetime rule in fiber.c */
+/* zk__fiber_free: see the lifetime rule in fiber.c (declared above) */
 void zk__fiber_run_tls_dtors(zk_fiber_t *f);
 
 #endif
