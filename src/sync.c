@@ -125,9 +125,11 @@ static int mutex_barge(struct zk__mutex *m, uint32_t s, int woken)
  * cannot run while we spin). */
 static int mutex_spin(struct zk__mutex *m, int woken)
 {
+	if (mutex_barge(m, atomic_load_explicit(&m->state, memory_order_relaxed), woken))
+		return 1;
 	zk_runtime_t *rt = zk_runtime_current();
 	if (rt && rt->nworkers == 1)
-		return mutex_barge(m, atomic_load_explicit(&m->state, memory_order_relaxed), woken);
+		return 0;
 	for (int i = 0; i < 40; i++) {
 		uint32_t s = atomic_load_explicit(&m->state, memory_order_relaxed);
 		if (s & M_STARVING)
@@ -213,16 +215,27 @@ static int mutex_lock_slow(struct zk__mutex *m, int flags, int64_t deadline)
 	}
 }
 
+/* The fast path: one CAS when the mutex is free; when it is merely
+ * marked (waiters queued, one woken) but not held, barge at once. */
+static inline int mutex_lock_fast(struct zk__mutex *m)
+{
+	uint32_t s = 0;
+	if (atomic_compare_exchange_strong_explicit(&m->state, &s, M_LOCKED, memory_order_acquire,
+						    memory_order_relaxed))
+		return 1;
+	return mutex_barge(m, s, 0);
+}
+
 int zk_mutex_lock(zk_mutex_t *m)
 {
-	if (mutex_try(MX(m)))
+	if (mutex_lock_fast(MX(m)))
 		return 0;
 	return mutex_lock_slow(MX(m), WAIT_FLAGS, -1);
 }
 
 int zk_mutex_lock_timed(zk_mutex_t *m, int64_t deadline_ns)
 {
-	if (mutex_try(MX(m)))
+	if (mutex_lock_fast(MX(m)))
 		return 0;
 	return mutex_lock_slow(MX(m), WAIT_FLAGS, deadline_ns);
 }
