@@ -161,11 +161,40 @@ ZK_API int zk_spawn_on(zk_runtime_t *rt, int worker, zk_fiber_t **out, zk_fiber_
  * thread.  *result (if not NULL) gets the fiber's return value (or the value
  * given to zk_exit).  Returns 0; -EDEADLK when a fiber joins itself; -EAGAIN
  * or -ENOMEM if f could never start because no stack could be mapped for it;
- * -ECANCELED if f was cancelled before it first ran (it never ran). */
+ * -ECANCELED if f was cancelled before it first ran (it never ran); -EINVAL
+ * for NULL or a detached handle.  This wait ends only with f: neither the
+ * caller's deadline nor its cancellation interrupt it (zk_join_timed does
+ * both). */
 ZK_API int zk_join(zk_fiber_t *f, void **result);
 
+/* zk_join with a deadline: like zk_join when f ends in time; otherwise
+ * returns -ETIMEDOUT (deadline_ns passed, or the fiber's own deadline) or
+ * -ECANCELED (the caller was cancelled) and the handle stays valid, to be
+ * joined, waited on or detached later.  If f ends as the wait fails, the
+ * end wins: the join succeeds.  deadline_ns < 0 = none.  An f that has
+ * already ended is joined even after the deadline.  Any thread. */
+ZK_API int zk_join_timed(zk_fiber_t *f, void **result, int64_t deadline_ns);
+
+/* Wait until the first of tasks[0..n) ends and return its index (the
+ * lowest index if several have already ended).  No handle is consumed:
+ * join or detach every task afterwards as usual.  With ZK_WAIT_CANCEL_REST,
+ * every other task is then cancelled (zk_cancel), so a following join of
+ * each one returns promptly if they honour cancellation.  Returns the
+ * index, -ETIMEDOUT (deadline_ns passed, or the fiber's own deadline;
+ * < 0 = none), -ECANCELED (the caller was cancelled), -EINVAL (n < 1,
+ * n > ZK_WAIT_MAX, NULL or detached task, unknown flag), -EDEADLK (the
+ * caller is one of the tasks), -ENOMEM.  A failed wait cancels nothing and
+ * leaves every handle as it was; a task ending as the wait fails makes it
+ * succeed.  The handles must stay valid during the call (not joined or
+ * detached elsewhere).  Parks a fiber, blocks a plain thread; any thread. */
+#define ZK_WAIT_CANCEL_REST 1
+#define ZK_WAIT_MAX 1024
+ZK_API int zk_wait_first(zk_fiber_t *const *tasks, int n, int64_t deadline_ns, int flags);
+
 /* Release the handle without waiting; the fiber's record is freed when it
- * ends.  Any thread.  Returns 0 or -EINVAL for NULL. */
+ * ends.  Any thread.  Returns 0; -EINVAL for NULL or a handle already
+ * detached; -EBUSY (handle unchanged) while a zk_join, zk_join_timed or
+ * zk_wait_first on f is in progress. */
 ZK_API int zk_detach(zk_fiber_t *f);
 
 /* Let other runnable fibers run; the caller goes behind them.  Fiber only
@@ -281,7 +310,9 @@ ZK_API int64_t zk_deadline_get(void);
  *     objects work from plain threads, where waiting blocks the thread, so
  *     fibers and threads may share them.  Any thread, unless noted.
  *   - Waiting is first come, first served: a release hands the object to
- *     the longest waiter (no barging, no starvation).
+ *     the longest waiter (no barging, no starvation).  The mutex is the
+ *     exception: it lets a running locker barge in, and switches to
+ *     hand-off only when a waiter starves (see below).
  *   - Every wait honours the fiber's deadline (-ETIMEDOUT) and cancellation
  *     (-ECANCELED); the *_timed variants add their own absolute deadline
  *     (zk_now_ns() clock, < 0 = none).  A failed wait leaves the object as
@@ -313,8 +344,27 @@ typedef struct zk_barrier { uint64_t opaque_[4]; } zk_barrier_t;
 
 /* Mutex.  lock: 0, -ETIMEDOUT, -ECANCELED.  trylock: 0 or -EBUSY.  unlock:
  * 0, or -EPERM if it was not locked (ownership is not checked: any fiber
- * or thread may unlock, as with a binary semaphore).  Under contention a
- * locker on a multi-worker runtime spins briefly, then queues. */
+ * or thread may unlock, as with a binary semaphore).  Uncontended lock and
+ * unlock are one atomic compare-and-swap each.
+ *
+ * Fairness works as in Go's sync.Mutex.  Normally unlock frees the mutex
+ * and wakes the longest waiter to compete for it, and a fiber or thread
+ * that is running (no wake-up to wait for) may take it first: under
+ * contention this keeps the mutex busy instead of idle while each waiter
+ * wakes up, several times the throughput of strict hand-off.  A woken
+ * waiter that loses goes back to the front of the queue.  Once a waiter
+ * has waited more than 1 ms, the mutex switches to hand-off (starvation)
+ * mode: unlock gives it directly to the longest waiter, newcomers queue
+ * behind, and trylock fails, until the queue empties or the waiter
+ * served has waited less than 1 ms.  So no waiter starves: once it has
+ * waited 1 ms it is served in arrival order, behind only the waiters
+ * queued before it.
+ *
+ * The common rules above hold; "the release wins" a race with a timeout
+ * in the sense that a waiter woken to compete still gets one last try:
+ * it succeeds if the mutex is free, else fails with -ETIMEDOUT or
+ * -ECANCELED.  A locker on a multi-worker runtime spins briefly before
+ * it queues (not in hand-off mode). */
 ZK_API int zk_mutex_init(zk_mutex_t *m);
 ZK_API int zk_mutex_destroy(zk_mutex_t *m);
 ZK_API int zk_mutex_lock(zk_mutex_t *m);

@@ -3,19 +3,23 @@
  * cancellation and fiber-local storage.  The mechanics (records, queues,
  * switching) live in scheduler.c; this file is the contract users see.
  *
- * Lifetime of a record: one word, joiner, decides who frees it.  It is NULL
- * while the fiber runs and a handle exists, a waiter while someone joins,
- * DETACHED once the handle was given up, DONE once the fiber ended.  The
- * fiber's end exchanges in DONE and frees the record if it finds DETACHED;
- * zk_detach exchanges in DETACHED and frees it if it finds DONE; zk_join
- * frees it after it saw DONE.  One atomic exchange per fiber, no counts.
+ * Lifetime of a record: one word, the end word (joiner, fiber.h), decides
+ * who frees it.  It is 0 while the fiber runs and a handle exists, a list
+ * of waiting calls while someone joins or waits on it, DETACHED once the
+ * handle was given up, DONE once the fiber ended.  The fiber's end swaps
+ * in DONE (waking the list) and frees the record if it finds DETACHED;
+ * zk_detach swaps in DETACHED and frees it if it finds DONE; zk_join
+ * frees it after it saw DONE.  zk_join_timed and zk_wait_first only wait:
+ * they never free, so the handle stays valid for a later join.
  */
 #include "config.h"
 #include "sanitize.h"
 #include "scheduler.h"
 #include "driver.h"
+#include "waitq.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -104,68 +108,324 @@ int zk_spawn(zk_fiber_t **out, zk_fiber_fn fn, void *arg)
 	return zk_spawn_ex(NULL, out, fn, arg, NULL);
 }
 
-struct join_ctx {
-	zk_fiber_t *target;
-	struct zk__waiter *waiter;
+/* ---- waiting for ends ------------------------------------------------------
+ *
+ * zk_join, zk_join_timed and zk_wait_first all wait the same way: one node
+ * per task on the task's end list (fiber.h), all nodes of a call sharing
+ * one zk__end_wait.  The end of a task takes its whole list under
+ * ZK__JOIN_LOCK and wakes each call whose `winner` it wins.  A call that
+ * stops waiting (woken, timed out, cancelled) closes `winner` and takes its
+ * nodes off every list; where the end has taken the list it waits for the
+ * end to let go of it (end_lock), so a wake-up that was decided is always
+ * delivered before the call returns - and can never hit a later park.
+ * Nothing here consumes a handle: only zk_join (and zk_detach) free. */
+
+static inline void end_backoff(unsigned *spins)
+{
+	/* The holder is a few instructions from letting go, unless its
+	 * thread was preempted (shared cores): then give it the CPU. */
+	if (++*spins < 64)
+		zk__spin_pause();
+	else
+		sched_yield();
+}
+
+/* Take f's end list.  Returns its head (0 for an empty list) with
+ * ZK__JOIN_LOCK set, or - without the lock - ZK__JOIN_DONE once f has
+ * ended and its end is done with the list (or ZK__JOIN_DETACHED for a
+ * handle that was given up: a caller's bug, refused earlier). */
+static uintptr_t end_lock(zk_fiber_t *f)
+{
+	unsigned spins = 0;
+	uintptr_t w = atomic_load_explicit(&f->joiner, memory_order_acquire);
+	for (;;) {
+		if (w & ZK__JOIN_LOCK) {
+			end_backoff(&spins);
+			w = atomic_load_explicit(&f->joiner, memory_order_acquire);
+		} else if (w == ZK__JOIN_DONE || w == ZK__JOIN_DETACHED) {
+			return w;
+		} else if (atomic_compare_exchange_weak_explicit(&f->joiner, &w, w | ZK__JOIN_LOCK,
+								 memory_order_acquire,
+								 memory_order_acquire)) {
+			return w;
+		}
+	}
+}
+
+static void end_unlock(zk_fiber_t *f, struct zk__end_node *head)
+{
+	atomic_store_explicit(&f->joiner, (uintptr_t)head, memory_order_release);
+}
+
+/* The index of zk_join's node: the one wait no timeout or cancel ends. */
+#define END_JOIN (-1)
+
+/* The end of f found waiters (or a list being changed) in w. */
+void zk__fiber_end_notify_slow(zk_fiber_t *f, uintptr_t w)
+{
+	unsigned spins = 0;
+	for (;;) {
+		if (w & ZK__JOIN_LOCK) {
+			end_backoff(&spins);
+			w = atomic_load_explicit(&f->joiner, memory_order_relaxed);
+			continue;
+		}
+		/* With waiters, keep the lock while waking them: a waiter that
+		 * withdraws meanwhile waits until every wake is delivered. */
+		uintptr_t to = w == 0 || w == ZK__JOIN_DETACHED ? ZK__JOIN_DONE
+							     : ZK__JOIN_DONE | ZK__JOIN_LOCK;
+		if (atomic_compare_exchange_weak_explicit(&f->joiner, &w, to, memory_order_acq_rel,
+							  memory_order_relaxed))
+			break;
+	}
+	/* The last waiter withdrew meanwhile (and the handle may have been
+	 * detached since). */
+	if (w == ZK__JOIN_DETACHED)
+		zk__fiber_free(f);
+	if (w == 0 || w == ZK__JOIN_DETACHED)
+		return;
+	for (struct zk__end_node *n = (struct zk__end_node *)w, *next; n; n = next) {
+		next = n->next; /* n may vanish once its waiter is woken... */
+		struct zk__end_wait *ew = n->w;
+		int open = -1;
+		if (n->index == END_JOIN) {
+			/* zk_join's node: nothing else can end or close its wait */
+			atomic_store_explicit(&ew->winner, 0, memory_order_release);
+			zk__waiter_wake(&ew->waiter);
+		} else if (atomic_compare_exchange_strong_explicit(&ew->winner, &open, n->index,
+								   memory_order_acq_rel,
+								   memory_order_acquire)) {
+			zk__waiter_wake(&ew->waiter); /* ...but not before we unlock */
+		}
+	}
+	atomic_store_explicit(&f->joiner, ZK__JOIN_DONE, memory_order_release);
+}
+
+/* Put nd on f's end list.  Returns 1 instead if f has already ended.
+ * A push needs no lock: it only succeeds while nobody holds it, and a
+ * head that was removed and put back meanwhile is still a valid next. */
+static int end_register(zk_fiber_t *f, struct zk__end_node *nd)
+{
+	unsigned spins = 0;
+	uintptr_t w = atomic_load_explicit(&f->joiner, memory_order_acquire);
+	for (;;) {
+		if (w == ZK__JOIN_DONE || w == ZK__JOIN_DETACHED)
+			return 1;
+		if (w & ZK__JOIN_LOCK) {
+			end_backoff(&spins);
+			w = atomic_load_explicit(&f->joiner, memory_order_acquire);
+			continue;
+		}
+		nd->next = (struct zk__end_node *)w;
+		if (atomic_compare_exchange_weak_explicit(&f->joiner, &w, (uintptr_t)nd,
+							  memory_order_release, memory_order_acquire))
+			return 0;
+	}
+}
+
+/* Take nd off f's end list; if f's end took the list, wait until it has
+ * finished with it. */
+static void end_withdraw(zk_fiber_t *f, struct zk__end_node *nd)
+{
+	uintptr_t w = end_lock(f);
+	if (w == ZK__JOIN_DONE || w == ZK__JOIN_DETACHED)
+		return;
+	struct zk__end_node *head = (struct zk__end_node *)w, **pp = &head;
+	while (*pp && *pp != nd)
+		pp = &(*pp)->next;
+	if (*pp)
+		*pp = nd->next;
+	end_unlock(f, head);
+}
+
+struct end_ctx {
+	zk_fiber_t *const *tasks;
+	struct zk__end_node *nodes;
+	int n;
+	int registered;              /* nodes[0..registered) are on lists */
+	struct zk__end_wait ew;
 };
 
-/* Runs after the joiner's context is saved: register it, unless the target
- * ended meanwhile (then resume the joiner at once).  Already registered
- * (parked again after a stray wake-up): stay parked. */
-static int join_publish(zk_fiber_t *self, void *arg)
+/* Register the waiter's nodes; for a fiber this runs once it is parked
+ * (publish-after-save: an end may wake it as soon as a node is listed).
+ * Returns 1 if there is no need to wait: a task has ended already (then
+ * the call claims it itself) or an end has claimed the call meanwhile.
+ * Called again after a stray wake-up, it only checks. */
+static int end_publish(zk_fiber_t *self, void *arg)
 {
-	struct join_ctx *jc = arg;
-	struct zk__waiter *cur = NULL;
-	if (atomic_compare_exchange_strong_explicit(&jc->target->joiner, &cur, jc->waiter,
-						    memory_order_acq_rel, memory_order_acquire))
-		return 0;
-	return cur != jc->waiter;
+	struct end_ctx *c = arg;
+	(void)self;
+	while (c->registered < c->n) {
+		int i = c->registered;
+		if (end_register(c->tasks[i], &c->nodes[i])) {
+			int open = -1;
+			atomic_compare_exchange_strong_explicit(&c->ew.winner, &open, i,
+								memory_order_acq_rel,
+								memory_order_acquire);
+			return 1;
+		}
+		c->registered++;
+	}
+	return atomic_load_explicit(&c->ew.winner, memory_order_acquire) != -1;
+}
+
+/* Wait until one of tasks[0..n) ends (nodes: n slots).  Returns the index
+ * of the task whose end woke the call, or -ETIMEDOUT / -ECANCELED as
+ * zk__park_until does with flags and deadline.  On return no node is on
+ * any list and no end will touch the call again. */
+static int end_wait(zk_fiber_t *const *tasks, int n, struct zk__end_node *nodes, const char *what,
+		    int flags, int64_t deadline)
+{
+	struct end_ctx c = { .tasks = tasks, .nodes = nodes, .n = n, .registered = 0 };
+	atomic_init(&c.ew.winner, -1);
+	c.ew.waiter.fiber = zk_self();
+	atomic_init(&c.ew.waiter.futex, 0);
+	for (int i = 0; i < n; i++) {
+		nodes[i].next = NULL;
+		nodes[i].w = &c.ew;
+		nodes[i].index = i;
+	}
+	int rc = 0;
+	if (c.ew.waiter.fiber) {
+		do
+			rc = zk__park_until(what, end_publish, &c, flags, deadline);
+		while (rc == 0 && atomic_load_explicit(&c.ew.winner, memory_order_acquire) < 0);
+	} else if (!end_publish(NULL, &c)) {
+		if (!(flags & ZK__PARK_NO_FIBER_DEADLINE))
+			deadline = zk__effective_deadline(deadline);
+		rc = zk__waiter_block_until(&c.ew.waiter, deadline < 0 ? ZK__NO_DEADLINE : deadline);
+	}
+	/* Close the call: from here on no end wins it.  If one already has,
+	 * its result stands even if we timed out meanwhile. */
+	int winner = -1;
+	if (!atomic_compare_exchange_strong_explicit(&c.ew.winner, &winner, -2, memory_order_acq_rel,
+						     memory_order_acquire))
+		rc = winner;
+	for (int i = 0; i < c.registered; i++)
+		end_withdraw(tasks[i], &nodes[i]);
+	return rc;
+}
+
+/* Read f's outcome and free its record (f has ended; the handle was the
+ * last user). */
+static int join_finish(zk_fiber_t *f, void **result)
+{
+	/* pairs with the release of the end word in zk__fiber_end_notify */
+	unsigned spins = 0;
+	while (atomic_load_explicit(&f->joiner, memory_order_acquire) != ZK__JOIN_DONE)
+		end_backoff(&spins); /* the end is still waking other waiters */
+	if (result)
+		*result = f->result;
+	int err = f->err;
+	zk__fiber_free(f);
+	return err;
+}
+
+/* Validate a handle for a wait: 0, or the error. */
+static int end_check(zk_fiber_t *f, zk_fiber_t *self)
+{
+	if (!f)
+		return -EINVAL;
+	if (f == self)
+		return -EDEADLK;
+	if (atomic_load_explicit(&f->joiner, memory_order_relaxed) == ZK__JOIN_DETACHED)
+		return -EINVAL;
+	return 0;
 }
 
 int zk_join(zk_fiber_t *f, void **result)
 {
-	if (!f)
+	int rc = end_check(f, zk_self());
+	if (rc)
+		return rc;
+	if (atomic_load_explicit(&f->joiner, memory_order_acquire) != ZK__JOIN_DONE) {
+		/* Only the end may let us go (neither deadline nor cancel), so
+		 * the node is never withdrawn: the end takes it. */
+		struct zk__end_node nd = { .next = NULL, .index = END_JOIN };
+		struct end_ctx c = { .tasks = &f, .nodes = &nd, .n = 1, .registered = 0 };
+		atomic_init(&c.ew.winner, -1);
+		c.ew.waiter.fiber = zk_self();
+		atomic_init(&c.ew.waiter.futex, 0);
+		nd.w = &c.ew;
+		if (c.ew.waiter.fiber) {
+			while (atomic_load_explicit(&c.ew.winner, memory_order_acquire) < 0)
+				zk__park("join", end_publish, &c, 0);
+		} else if (!end_publish(NULL, &c)) {
+			zk__waiter_block(&c.ew.waiter);
+		}
+	}
+	return join_finish(f, result);
+}
+
+int zk_join_timed(zk_fiber_t *f, void **result, int64_t deadline_ns)
+{
+	int rc = end_check(f, zk_self());
+	if (rc)
+		return rc;
+	if (atomic_load_explicit(&f->joiner, memory_order_acquire) != ZK__JOIN_DONE) {
+		struct zk__end_node nd;
+		rc = end_wait(&f, 1, &nd, "join", ZK__PARK_CANCELLABLE, deadline_ns);
+		if (rc < 0)
+			return rc; /* the handle stays valid */
+	}
+	return join_finish(f, result);
+}
+
+#define WAIT_FIRST_STACK 16
+
+int zk_wait_first(zk_fiber_t *const *tasks, int n, int64_t deadline_ns, int flags)
+{
+	if (!tasks || n <= 0 || n > ZK_WAIT_MAX || (flags & ~ZK_WAIT_CANCEL_REST))
 		return -EINVAL;
 	zk_fiber_t *self = zk_self();
-	if (self == f)
-		return -EDEADLK;
-	struct zk__waiter *j = atomic_load_explicit(&f->joiner, memory_order_acquire);
-	if (j == ZK__JOIN_DETACHED || (j != NULL && j != ZK__JOIN_DONE))
-		return -EINVAL; /* detached, or another join is waiting */
-	if (j != ZK__JOIN_DONE) {
-		struct zk__waiter wt = { .fiber = self };
-		atomic_init(&wt.futex, 0);
-		if (self) {
-			struct join_ctx jc = { f, &wt };
-			/* Only the target's end may let us go: the waiter lives in
-			 * this frame and stays registered until then. */
-			do
-				zk__park("join", join_publish, &jc, 0);
-			while (atomic_load_explicit(&f->joiner, memory_order_acquire) != ZK__JOIN_DONE);
-		} else {
-			struct zk__waiter *expected = NULL;
-			if (atomic_compare_exchange_strong_explicit(&f->joiner, &expected, &wt,
-								    memory_order_acq_rel,
-								    memory_order_acquire))
-				zk__waiter_block(&wt);
-		}
-		/* pairs with the exchange in fiber_ended() */
-		(void)atomic_load_explicit(&f->joiner, memory_order_acquire);
+	int first = -1;
+	for (int i = 0; i < n; i++) {
+		int rc = end_check(tasks[i], self);
+		if (rc)
+			return rc;
+		if (first < 0 && atomic_load_explicit(&tasks[i]->joiner, memory_order_acquire) ==
+					 ZK__JOIN_DONE)
+			first = i; /* already ended: no need to wait */
 	}
-	if (result)
-		*result = f->result;
-	int err = f->err;
-	zk__fiber_free(f); /* the fiber has ended: the handle was the last user */
-	return err;
+	if (first < 0) {
+		struct zk__end_node nodes_st[WAIT_FIRST_STACK];
+		struct zk__end_node *nodes = nodes_st;
+		if (n > WAIT_FIRST_STACK && !(nodes = malloc((size_t)n * sizeof(*nodes))))
+			return -ENOMEM;
+		first = end_wait(tasks, n, nodes, "wait first", ZK__PARK_CANCELLABLE, deadline_ns);
+		if (nodes != nodes_st)
+			free(nodes);
+		if (first < 0)
+			return first; /* nothing ended: nobody is cancelled */
+	}
+	if (flags & ZK_WAIT_CANCEL_REST)
+		for (int i = 0; i < n; i++)
+			if (tasks[i] != tasks[first])
+				zk_cancel(tasks[i]);
+	return first;
 }
 
 int zk_detach(zk_fiber_t *f)
 {
 	if (!f)
 		return -EINVAL;
-	struct zk__waiter *j = atomic_exchange_explicit(&f->joiner, ZK__JOIN_DETACHED,
-							memory_order_acq_rel);
-	if (j == ZK__JOIN_DONE)
+	unsigned spins = 0;
+	uintptr_t w = atomic_load_explicit(&f->joiner, memory_order_acquire);
+	for (;;) {
+		if (w & ZK__JOIN_LOCK) {
+			end_backoff(&spins);
+			w = atomic_load_explicit(&f->joiner, memory_order_acquire);
+			continue;
+		}
+		if (w == ZK__JOIN_DETACHED)
+			return -EINVAL;
+		if (w != 0 && w != ZK__JOIN_DONE)
+			return -EBUSY; /* a join or wait on it is in progress */
+		if (atomic_compare_exchange_weak_explicit(&f->joiner, &w, ZK__JOIN_DETACHED,
+							  memory_order_acq_rel, memory_order_acquire))
+			break;
+	}
+	if (w == ZK__JOIN_DONE)
 		zk__fiber_free(f); /* already ended: nobody else will */
 	return 0;
 }

@@ -15,6 +15,7 @@
 struct zk__stack;
 struct zk__waiter;
 struct zk__cancel_hook;
+struct zk__end_node;
 
 enum zk__fiber_state {
 	ZK__FREE = 0,     /* record on a free list */
@@ -41,7 +42,7 @@ struct zk_fiber {
 		void *result;        /* once it ends */
 	};
 	uint64_t id;
-	_Atomic(struct zk__waiter *) joiner; /* ZK__JOIN_DONE once ended */
+	_Atomic uintptr_t joiner;    /* the end word: see ZK__JOIN_* below */
 	int64_t deadline;            /* zk_deadline_set; ZK__NO_DEADLINE (INT64_MAX) if none */
 	/* Set while parked in I/O: zk_cancel calls it instead of waking the
 	 * fiber, because only the driver may decide when the kernel is done
@@ -70,14 +71,63 @@ struct zk_fiber {
 
 #define ZK__NAME_MAX 32 /* including the terminating NUL */
 
-#define ZK__JOIN_DONE ((struct zk__waiter *)1)
-#define ZK__JOIN_DETACHED ((struct zk__waiter *)2)
+/*
+ * The end word (zk_fiber.joiner) says whether the fiber has ended and who
+ * waits for that:
+ *   0                    running (or not started), nobody waits
+ *   ZK__JOIN_DONE        ended
+ *   ZK__JOIN_DETACHED    the handle was given up; the end frees the record
+ *   a node pointer       head of the list of calls waiting for the end
+ *                        (zk_join, zk_join_timed, zk_wait_first)
+ * plus ZK__JOIN_LOCK while someone changes the list: a waiter taking its
+ * node out (timeout, cancellation, another task ended first), or the end
+ * itself walking the list to wake everyone (DONE | LOCK).  Nodes are
+ * 8-byte aligned, so the low three bits are free for these tags.
+ */
+#define ZK__JOIN_DONE ((uintptr_t)1)
+#define ZK__JOIN_DETACHED ((uintptr_t)2)
+#define ZK__JOIN_LOCK ((uintptr_t)4)
 
 /* A waiter is a fiber or, on a plain thread, a futex word to block on. */
 struct zk__waiter {
 	zk_fiber_t *fiber;
 	_Atomic uint32_t futex;
 };
+
+/* One call waiting for the end of one or more fibers: one node per fiber,
+ * all sharing an end_wait.  The end that wins `winner` (CAS from -1 to
+ * its node's index) wakes the waiter; the others only skip the node. */
+struct zk__end_wait {
+	_Atomic int winner;          /* -1 while open, a node index, -2 withdrawn */
+	struct zk__waiter waiter;
+};
+
+struct zk__end_node {
+	struct zk__end_node *next;
+	struct zk__end_wait *w;
+	int index;
+};
+
+/* The fiber ended: mark it DONE, wake every waiter of its end word, free
+ * the record if it was detached.  Called once, by the worker that ran the
+ * fiber's end (scheduler.c), never on f's own stack.  Inline for the
+ * common cases (nobody waits, or detached); fiber.c has the rest. */
+void zk__fiber_end_notify_slow(zk_fiber_t *f, uintptr_t w);
+void zk__fiber_free(zk_fiber_t *f);
+
+static inline void zk__fiber_end_notify(zk_fiber_t *f)
+{
+	/* release: the result and err stores before the end */
+	uintptr_t w = 0;
+	if (atomic_compare_exchange_strong_explicit(&f->joiner, &w, ZK__JOIN_DONE,
+						    memory_order_acq_rel, memory_order_relaxed))
+		return;
+	if (w == ZK__JOIN_DETACHED) {
+		zk__fiber_free(f); /* nobody holds the handle: the end frees */
+		return;
+	}
+	zk__fiber_end_notify_slow(f, w);
+}
 
 /* Wake whoever waits on w.  The waiter may be gone the moment this returns. */
 void zk__waiter_wake(struct zk__waiter *w);
@@ -135,7 +185,7 @@ void zk__heavy_barrier(void);
 struct zk__worker;
 /* w: the calling worker if it belongs to rt, else NULL. */
 zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt, struct zk__worker *w);
-void zk__fiber_free(zk_fiber_t *f);     /* see the lifetime rule in fiber.c */
+/* zk__fiber_free: see the lifetime rule in fiber.c (declared above) */
 void zk__fiber_run_tls_dtors(zk_fiber_t *f);
 
 #endif

@@ -456,7 +456,7 @@ zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt, struct zk__worker *w)
 	f->rt = rt;
 	f->result = NULL;
 	f->id = new_fiber_id(w);
-	atomic_init(&f->joiner, NULL);
+	atomic_init(&f->joiner, 0);
 	atomic_init(&f->cancel, 0);
 	f->wake_reason = 0;
 	f->deadline = ZK__NO_DEADLINE;
@@ -575,11 +575,7 @@ void zk__count_spawn(zk_runtime_t *rt, struct zk__worker *w)
 static void fiber_ended(struct zk__worker *w, zk_fiber_t *f)
 {
 	atomic_store_explicit(&f->state, ZK__DONE, memory_order_release);
-	struct zk__waiter *j = atomic_exchange_explicit(&f->joiner, ZK__JOIN_DONE, memory_order_acq_rel);
-	if (j == ZK__JOIN_DETACHED)
-		rec_free(f);
-	else if (j)
-		zk__waiter_wake(j);
+	zk__fiber_end_notify(f); /* fiber.c */
 	owner_inc(&w->n_ended); /* see all_ended() */
 }
 

@@ -4,10 +4,11 @@
  *
  * Each object is a spin lock, a few words of state and a FIFO queue of
  * waiter nodes (waitq.h).  Contended paths park the fiber (a plain thread
- * blocks on a futex instead); waking is always a hand-off decided under
- * the lock: the waker gives the waiter what it waited for (the mutex, a
- * semaphore unit, read access) before waking it, so a woken waiter never
- * has to compete again and FIFO order is kept.  A waiter that times out or
+ * blocks on a futex instead); waking is a hand-off decided under the
+ * lock: the waker gives the waiter what it waited for (a semaphore unit,
+ * read access) before waking it, so a woken waiter never has to compete
+ * again and FIFO order is kept.  The mutex is the exception (barging, with
+ * hand-off only for starving waiters; see its section).  A waiter that times out or
  * is cancelled either leaves the queue or, if a waker got to it first,
  * keeps what it was given (success wins): the object is consistent either
  * way.
@@ -27,15 +28,42 @@
 
 /* ---- mutex ------------------------------------------------------------------
  *
- * state: LOCKED, plus WAITERS while the queue may be non-empty.  The fast
- * paths are one CAS each (0 -> LOCKED, LOCKED -> 0).  While WAITERS is set
- * the state never returns to 0: unlock hands the mutex to the head of the
- * queue, so newcomers (whose fast CAS fails) queue behind and nobody
- * starves.  Under the spin lock the state only changes by the lock
- * holder's hand. */
+ * Go's sync.Mutex design, on our wait queue.  Two modes:
+ *
+ * Normal mode (barging).  unlock releases the mutex and wakes the head
+ * waiter to *compete* for it; a running fiber that calls lock meanwhile
+ * may take it first.  Handing the mutex to a parked waiter would keep it
+ * locked for the waiter's whole wake-up latency, during which every other
+ * locker parks too (a convoy); letting the running fiber go on is several
+ * times faster under contention.  At most one woken waiter competes at a
+ * time (WOKEN): unlock does not wake another while one is on its way.  A
+ * woken waiter that loses goes back to the *head* of the queue.
+ *
+ * Starvation mode (hand-off).  A woken waiter that loses after waiting
+ * more than STARVE_NS sets STARVING.  Then unlock hands the mutex straight
+ * to the head waiter (the state stays LOCKED, now for it), newcomers do
+ * not spin or barge but queue at the tail, and the queue drains in FIFO
+ * order.  The hand-off leaves starvation mode when it empties the queue or
+ * reaches a waiter that waited less than STARVE_NS.
+ *
+ * state: LOCKED | WAITERS (queue may be non-empty) | WOKEN | STARVING.
+ * The fast paths are one CAS each (0 -> LOCKED, LOCKED -> 0).  Invariants
+ * (every change of WAITERS, WOKEN, STARVING is made under the spin lock,
+ * or by the woken waiter's acquiring CAS):
+ *   - STARVING implies LOCKED and WAITERS: in starvation mode the mutex
+ *     is never free, it passes from owner to head waiter;
+ *   - unlocked with WAITERS implies WOKEN: a free mutex with queued
+ *     waiters always has one of them on its way, so no wake-up is lost. */
 
 #define M_LOCKED 1u
 #define M_WAITERS 2u
+#define M_WOKEN 4u
+#define M_STARVING 8u
+
+#define STARVE_NS 1000000 /* 1 ms, as in Go */
+
+/* Results a waker puts in a mutex waiter's node. */
+enum { M_HANDOFF = 0, M_RETRY = 1 };
 
 struct zk__mutex {
 	_Atomic uint32_t state;
@@ -44,6 +72,12 @@ struct zk__mutex {
 };
 
 _Static_assert(sizeof(struct zk__mutex) <= sizeof(zk_mutex_t), "zk_mutex_t too small");
+
+/* A mutex waiter: the node and since when its lock call has waited. */
+struct mwaiter {
+	struct zk__wnode n;
+	int64_t since;
+};
 
 static inline struct zk__mutex *MX(zk_mutex_t *m)
 {
@@ -72,79 +106,146 @@ static int mutex_try(struct zk__mutex *m)
 						       memory_order_relaxed);
 }
 
-/* A holder on another worker is likely to release within a few hundred
- * cycles: spin briefly before queueing, unless waiters are queued already
- * (they come first) or the runtime has one worker (the holder cannot run
- * while we spin). */
-static int mutex_spin(struct zk__mutex *m)
+/* Take the mutex if it is free and not being handed off (barging), from
+ * state s.  woken: the caller is the woken waiter, whose WOKEN goes. */
+static int mutex_barge(struct zk__mutex *m, uint32_t s, int woken)
 {
+	while (!(s & (M_LOCKED | M_STARVING))) {
+		uint32_t to = (s | M_LOCKED) & ~(woken ? M_WOKEN : 0u);
+		if (atomic_compare_exchange_weak_explicit(&m->state, &s, to, memory_order_acquire,
+							  memory_order_relaxed))
+			return 1;
+	}
+	return 0;
+}
+
+/* A holder on another worker is likely to release within a few hundred
+ * cycles: spin briefly before queueing, unless the mutex is in hand-off
+ * mode (the queue comes first) or the runtime has one worker (the holder
+ * cannot run while we spin). */
+static int mutex_spin(struct zk__mutex *m, int woken)
+{
+	if (mutex_barge(m, atomic_load_explicit(&m->state, memory_order_relaxed), woken))
+		return 1;
 	zk_runtime_t *rt = zk_runtime_current();
 	if (rt && rt->nworkers == 1)
 		return 0;
 	for (int i = 0; i < 40; i++) {
 		uint32_t s = atomic_load_explicit(&m->state, memory_order_relaxed);
-		if (s == 0 && mutex_try(m))
-			return 1;
-		if (s & M_WAITERS)
+		if (s & M_STARVING)
 			return 0;
+		if (mutex_barge(m, s, woken))
+			return 1;
 		zk__spin_pause();
 	}
 	return 0;
 }
 
+/* Wake the head waiter to compete (normal mode), or hand it the mutex
+ * (starvation mode).  Spin lock held; the queue is not empty. */
+static void mutex_wake_head(struct zk__mutex *m, int handoff)
+{
+	struct zk__wnode *n = zk__wq_pop_claim(&m->q);
+	if (!handoff) {
+		if (zk__wq_empty(&m->q))
+			atomic_fetch_and_explicit(&m->state, ~M_WAITERS, memory_order_relaxed);
+		atomic_fetch_or_explicit(&m->state, M_WOKEN, memory_order_relaxed);
+		zk__wnode_complete(n, M_RETRY);
+		return;
+	}
+	/* Hand-off: LOCKED stays set, now for n's waiter. */
+	struct mwaiter *mw = (struct mwaiter *)n;
+	if (zk__wq_empty(&m->q))
+		atomic_fetch_and_explicit(&m->state, ~(M_WAITERS | M_STARVING), memory_order_relaxed);
+	else if (zk__now() - mw->since < STARVE_NS)
+		atomic_fetch_and_explicit(&m->state, ~M_STARVING, memory_order_relaxed);
+	zk__wnode_complete(n, M_HANDOFF);
+}
+
 static int mutex_lock_slow(struct zk__mutex *m, int flags, int64_t deadline)
 {
-	if (mutex_spin(m))
-		return 0;
-	zk__spin_lock(&m->lock);
+	int woken = 0;     /* we hold WOKEN: woken to compete, not yet settled */
+	int64_t since = 0; /* when this call first queued */
 	for (;;) {
+		if (mutex_spin(m, woken))
+			return 0;
+		zk__spin_lock(&m->lock);
+		int starving = woken && zk__now() - since > STARVE_NS;
 		uint32_t s = atomic_load_explicit(&m->state, memory_order_relaxed);
-		if (!(s & M_LOCKED)) {
-			if (atomic_compare_exchange_weak_explicit(&m->state, &s, s | M_LOCKED,
-								  memory_order_acquire, memory_order_relaxed)) {
+		for (;;) {
+			if (mutex_barge(m, s, woken)) {
 				zk__spin_unlock(&m->lock);
 				return 0;
 			}
+			s = atomic_load_explicit(&m->state, memory_order_relaxed);
+			if (!(s & M_LOCKED))
+				continue; /* released meanwhile: try again */
+			/* Queue; setting WAITERS makes the owner's fast unlock
+			 * fail, so it comes here for the lock and finds us. */
+			uint32_t to = (s | M_WAITERS | (starving ? M_STARVING : 0u)) &
+				      ~(woken ? M_WOKEN : 0u);
+			if (atomic_compare_exchange_weak_explicit(&m->state, &s, to, memory_order_relaxed,
+								  memory_order_relaxed))
+				break;
+		}
+		woken = 0;
+		struct mwaiter mw;
+		zk__wnode_init(&mw.n, NULL, 0);
+		if (since) {
+			mw.since = since;
+			zk__wq_push_head(&m->q, &mw.n); /* back to the front */
+		} else {
+			mw.since = since = zk__now();
+			zk__wq_push(&m->q, &mw.n);
+		}
+		int rc = zk__wq_wait_locked(&m->lock, &m->q, &mw.n, "mutex", flags, deadline);
+		if (mw.n.done) {
+			if (mw.n.result == M_HANDOFF)
+				return 0; /* the unlocker handed it to us */
+			woken = 1;        /* compete again, WOKEN is ours */
 			continue;
 		}
-		/* Setting WAITERS makes the owner's fast unlock fail, so it
-		 * comes here for the lock and finds our node. */
-		if ((s & M_WAITERS) ||
-		    atomic_compare_exchange_weak_explicit(&m->state, &s, s | M_WAITERS,
-							  memory_order_relaxed, memory_order_relaxed))
-			break;
-	}
-	struct zk__wnode n;
-	zk__wnode_init(&n, NULL, 0);
-	zk__wq_push(&m->q, &n);
-	int rc = zk__wq_wait_locked(&m->lock, &m->q, &n, "mutex", flags, deadline);
-	if (!n.done) {
-		/* We left the queue; if it is empty now, let the owner unlock
-		 * on the fast path.  (done: the unlocker handed us the mutex.) */
+		/* Timed out or cancelled, and off the queue.  If it is empty
+		 * now, let the owner unlock on the fast path again. */
 		if (zk__wq_empty(&m->q))
-			atomic_fetch_and_explicit(&m->state, ~M_WAITERS, memory_order_relaxed);
+			atomic_fetch_and_explicit(&m->state, ~(M_WAITERS | M_STARVING),
+						  memory_order_relaxed);
 		zk__spin_unlock(&m->lock);
+		return rc;
 	}
-	return rc;
+}
+
+/* The fast path: one CAS when the mutex is free; when it is merely
+ * marked (waiters queued, one woken) but not held, barge at once. */
+static inline int mutex_lock_fast(struct zk__mutex *m)
+{
+	uint32_t s = 0;
+	if (atomic_compare_exchange_strong_explicit(&m->state, &s, M_LOCKED, memory_order_acquire,
+						    memory_order_relaxed))
+		return 1;
+	return mutex_barge(m, s, 0);
 }
 
 int zk_mutex_lock(zk_mutex_t *m)
 {
-	if (mutex_try(MX(m)))
+	if (mutex_lock_fast(MX(m)))
 		return 0;
 	return mutex_lock_slow(MX(m), WAIT_FLAGS, -1);
 }
 
 int zk_mutex_lock_timed(zk_mutex_t *m, int64_t deadline_ns)
 {
-	if (mutex_try(MX(m)))
+	if (mutex_lock_fast(MX(m)))
 		return 0;
 	return mutex_lock_slow(MX(m), WAIT_FLAGS, deadline_ns);
 }
 
 int zk_mutex_trylock(zk_mutex_t *m)
 {
-	return mutex_try(MX(m)) ? 0 : -EBUSY;
+	struct zk__mutex *x = MX(m);
+	if (mutex_try(x))
+		return 0;
+	return mutex_barge(x, atomic_load_explicit(&x->state, memory_order_relaxed), 0) ? 0 : -EBUSY;
 }
 
 int zk_mutex_unlock(zk_mutex_t *m)
@@ -154,17 +255,28 @@ int zk_mutex_unlock(zk_mutex_t *m)
 	if (atomic_compare_exchange_strong_explicit(&x->state, &s, 0, memory_order_release,
 						    memory_order_relaxed))
 		return 0;
-	if (!(s & M_LOCKED))
-		return -EPERM;
+	for (;;) {
+		if (!(s & M_LOCKED))
+			return -EPERM;
+		if (s & M_STARVING)
+			break;
+		if ((s & M_WAITERS) && !(s & M_WOKEN))
+			break; /* someone must be woken: under the spin lock */
+		/* Nobody queued, or a woken waiter is on its way already. */
+		if (atomic_compare_exchange_weak_explicit(&x->state, &s, s & ~M_LOCKED,
+							  memory_order_release, memory_order_relaxed))
+			return 0;
+	}
 	zk__spin_lock(&x->lock);
-	struct zk__wnode *n = zk__wq_pop_claim(&x->q);
-	if (n) {
-		/* Hand over: the state stays LOCKED, now for n. */
-		if (zk__wq_empty(&x->q))
-			atomic_store_explicit(&x->state, M_LOCKED, memory_order_relaxed);
-		zk__wnode_complete(n, 0);
+	/* Under the spin lock only we (the owner) change LOCKED, and the
+	 * other bits change only under this lock: the state is stable. */
+	s = atomic_load_explicit(&x->state, memory_order_relaxed);
+	if (s & M_STARVING) {
+		mutex_wake_head(x, 1);
 	} else {
-		atomic_store_explicit(&x->state, 0, memory_order_release);
+		atomic_fetch_and_explicit(&x->state, ~M_LOCKED, memory_order_release);
+		if ((s & M_WAITERS) && !(s & M_WOKEN))
+			mutex_wake_head(x, 0);
 	}
 	zk__spin_unlock(&x->lock);
 	return 0;

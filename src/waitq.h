@@ -125,6 +125,19 @@ static inline void zk__wq_push(struct zk__wq *q, struct zk__wnode *n)
 	n->queued = 1;
 }
 
+/* Queue n first (a waiter that already waited and goes back in line). */
+static inline void zk__wq_push_head(struct zk__wq *q, struct zk__wnode *n)
+{
+	n->prev = NULL;
+	n->next = q->head;
+	if (q->head)
+		q->head->prev = n;
+	else
+		q->tail = n;
+	q->head = n;
+	n->queued = 1;
+}
+
 static inline void zk__wq_remove(struct zk__wq *q, struct zk__wnode *n)
 {
 	if (!n->queued)

@@ -1,16 +1,20 @@
 /*
  * test_sync.c - sync primitives, channels and select, on two workers:
- * exactly-once MPMC delivery, mutual exclusion, close semantics, select
- * fairness, timeouts and cancellation on every kind of wait, and fibers
- * sharing objects with plain threads.
+ * exactly-once MPMC delivery, mutual exclusion, mutex fairness (barging,
+ * no starvation), close semantics, select fairness, timeouts and
+ * cancellation on every kind of wait, fibers sharing objects with plain
+ * threads, scopes, generators, and the end combinators (zk_join_timed,
+ * zk_wait_first) with their timeouts and cancellation.
  */
 #include <check.h>
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "zokio.h"
 
@@ -198,7 +202,9 @@ START_TEST(test_mutex_counter_incremented_by_1000_fibers_is_exact)
 }
 END_TEST
 
-/* Hand-off: waiters get the mutex in arrival order. */
+/* Waiters are served in arrival order; a running fiber may barge in
+ * (normal mode) until a waiter that lost after more than 1 ms switches the
+ * mutex to hand-off mode.  One worker makes every step deterministic. */
 static int handoff_log[8], handoff_n;
 
 static void *handoff_waiter(void *arg)
@@ -217,21 +223,198 @@ static void *handoff_main(void *arg)
 		ck_assert_int_eq(zk_spawn(&f[i], handoff_waiter, (void *)i), 0);
 		zk_sleep_ns(MS / 2); /* let it queue: arrival order = i */
 	}
+	/* Normal mode: unlock frees the mutex and wakes waiter 0 to compete;
+	 * we are running, so we get it first (barging). */
+	ck_assert_int_eq(zk_mutex_unlock(&mu), 0);
+	ck_assert_int_eq(zk_mutex_trylock(&mu), 0);
+	/* Waiter 0 runs, loses after waiting > 1 ms, and turns on hand-off
+	 * mode from the head of the queue. */
+	zk_sleep_ns(MS);
+	ck_assert_int_eq(handoff_n, 0);
 	ck_assert_int_eq(zk_mutex_unlock(&mu), 0);
 	/* barging attempt: the mutex belongs to waiter 0 now */
 	ck_assert_int_eq(zk_mutex_trylock(&mu), -EBUSY);
 	for (int i = 0; i < 8; i++)
 		join_rc(f[i]);
+	/* the queue drained: back to normal mode, free */
+	ck_assert_int_eq(zk_mutex_destroy(&mu), 0);
 	return NULL;
 }
 
-START_TEST(test_mutex_hands_off_to_the_longest_waiter)
+START_TEST(test_mutex_barges_then_hands_off_to_a_starving_waiter_in_arrival_order)
 {
 	handoff_n = 0;
 	run_on(1, handoff_main, NULL);
 	ck_assert_int_eq(handoff_n, 8);
 	for (int i = 0; i < 8; i++)
 		ck_assert_int_eq(handoff_log[i], i);
+}
+END_TEST
+
+/* A watchdog for the tests that could hang on a lost wake-up: past
+ * `limit` seconds it dumps the runtime's fibers and aborts, so a hang
+ * says where it is stuck instead of just timing out. */
+struct watchdog {
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int stopped, limit;
+	const char *what;
+	zk_runtime_t *rt;
+};
+
+static void *watchdog_main(void *arg)
+{
+	struct watchdog *wd = arg;
+	struct timespec dl;
+	clock_gettime(CLOCK_MONOTONIC, &dl);
+	dl.tv_sec += wd->limit;
+	int expired = 0;
+	pthread_mutex_lock(&wd->lock);
+	while (!wd->stopped && !expired)
+		expired = pthread_cond_timedwait(&wd->cond, &wd->lock, &dl) == ETIMEDOUT;
+	pthread_mutex_unlock(&wd->lock);
+	if (expired && !wd->stopped) {
+		fprintf(stderr, "watchdog: %s: still running after %d s; live fibers:\n", wd->what,
+			wd->limit);
+		zk_runtime_dump(wd->rt, 2);
+		abort();
+	}
+	return NULL;
+}
+
+static void watchdog_start(struct watchdog *wd, zk_runtime_t *rt, int limit, const char *what)
+{
+	memset(wd, 0, sizeof(*wd));
+	wd->limit = limit;
+	wd->what = what;
+	wd->rt = rt;
+	pthread_mutex_init(&wd->lock, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&wd->cond, &ca);
+	pthread_condattr_destroy(&ca);
+	ck_assert_int_eq(pthread_create(&wd->thread, NULL, watchdog_main, wd), 0);
+}
+
+static void watchdog_stop(struct watchdog *wd)
+{
+	pthread_mutex_lock(&wd->lock);
+	wd->stopped = 1;
+	pthread_cond_signal(&wd->cond);
+	pthread_mutex_unlock(&wd->lock);
+	pthread_join(wd->thread, NULL);
+	pthread_cond_destroy(&wd->cond);
+	pthread_mutex_destroy(&wd->lock);
+}
+
+/* No starvation: two greedy fibers, one per worker, re-take the mutex the
+ * moment they release it and hold it across a switch - so a woken waiter
+ * always finds it taken again, and with barging alone it would never get
+ * in.  Victim fibers and a victim plain thread must still each get their
+ * turns while the greedy ones run.  Bounded by iterations, not time: the
+ * greedy loops stop when the victims are done or after GREEDY_MAX turns
+ * (far more than 1 ms of waiting per victim turn needs, however slow the
+ * machine), and the test fails if a victim was left behind. */
+enum { GREEDY = 2, VICTIMS = 4, VICTIM_TURNS = 20, GREEDY_MAX = 5000000 };
+
+struct starve {
+	zk_mutex_t mu;
+	int inside;
+	int victims_left;       /* fiber victims + the thread */
+	long greedy_turns[GREEDY];
+	long victim_turns;
+};
+
+static void starve_section(struct starve *st)
+{
+	ck_assert_int_eq(__atomic_add_fetch(&st->inside, 1, __ATOMIC_RELAXED), 1);
+	__atomic_sub_fetch(&st->inside, 1, __ATOMIC_RELAXED);
+}
+
+static void *greedy(void *arg)
+{
+	struct starve *st = arg;
+	int me = zk_worker_index();
+	long i = 0;
+	while (__atomic_load_n(&st->victims_left, __ATOMIC_ACQUIRE) > 0 && i < GREEDY_MAX) {
+		ck_assert_int_eq(zk_mutex_lock(&st->mu), 0);
+		starve_section(st);
+		zk_yield(); /* hold it across a switch */
+		ck_assert_int_eq(zk_mutex_unlock(&st->mu), 0);
+		i++;
+	}
+	st->greedy_turns[me] = i;
+	return NULL;
+}
+
+static void victim_turns(struct starve *st)
+{
+	for (int t = 0; t < VICTIM_TURNS; t++) {
+		ck_assert_int_eq(zk_mutex_lock(&st->mu), 0);
+		starve_section(st);
+		__atomic_add_fetch(&st->victim_turns, 1, __ATOMIC_RELAXED);
+		ck_assert_int_eq(zk_mutex_unlock(&st->mu), 0);
+	}
+	__atomic_sub_fetch(&st->victims_left, 1, __ATOMIC_RELEASE);
+}
+
+static void *victim(void *arg)
+{
+	victim_turns(arg);
+	return NULL;
+}
+
+static void *victim_thread(void *arg)
+{
+	victim_turns(arg);
+	return NULL;
+}
+
+static void *starve_main(void *arg)
+{
+	struct starve *st = arg;
+	zk_runtime_t *rt = zk_runtime_current();
+	zk_fiber_t *g[GREEDY], *v[VICTIMS];
+	for (int i = 0; i < GREEDY; i++)
+		ck_assert_int_eq(zk_spawn_on(rt, i, &g[i], greedy, st, NULL), 0);
+	zk_sleep_ns(MS); /* the greedy ones are at it */
+	for (int i = 0; i < VICTIMS; i++)
+		ck_assert_int_eq(zk_spawn_on(rt, i % 2, &v[i], victim, st, NULL), 0);
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, victim_thread, st), 0);
+	for (int i = 0; i < VICTIMS; i++)
+		join_rc(v[i]);
+	for (int i = 0; i < GREEDY; i++)
+		join_rc(g[i]);
+	pthread_join(th, NULL); /* done: the greedy loops end only after it */
+	return NULL;
+}
+
+START_TEST(test_mutex_waiters_do_not_starve_behind_barging_lockers)
+{
+	struct starve st;
+	memset(&st, 0, sizeof(st));
+	st.victims_left = VICTIMS + 1;
+	zk_runtime_opts_t o;
+	zk_runtime_opts_init(&o);
+	o.workers = 2;
+	zk_runtime_t *rt;
+	ck_assert_int_eq(zk_runtime_create(&rt, &o), 0);
+	ck_assert_int_eq(zk_spawn_ex(rt, NULL, starve_main, &st, NULL), 0);
+	struct watchdog wd;
+	watchdog_start(&wd, rt, 120, "mutex starvation");
+	ck_assert_int_eq(zk_runtime_run(rt), 0);
+	watchdog_stop(&wd);
+	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+	/* every victim turn happened while the greedy fibers were still
+	 * running (their loops stop only once the victims are done) */
+	ck_assert_int_eq(st.victims_left, 0);
+	ck_assert_int_eq(st.victim_turns, (VICTIMS + 1) * VICTIM_TURNS);
+	for (int i = 0; i < GREEDY; i++)
+		ck_assert_int_lt(st.greedy_turns[i], GREEDY_MAX);
+	ck_assert_int_eq(zk_mutex_destroy(&st.mu), 0);
 }
 END_TEST
 
@@ -1143,6 +1326,293 @@ START_TEST(test_generator_yields_in_order_and_can_be_abandoned_mid_stream)
 }
 END_TEST
 
+/* ---- end combinators: zk_join_timed, zk_wait_first ------------------------ */
+
+static void run2(zk_fiber_fn fn, void *arg)
+{
+	run_on(2, fn, arg);
+}
+
+/* A task that ends when its gate is posted, returning its tag (or the
+ * wait's error, e.g. -ECANCELED). */
+struct gated {
+	zk_sem_t gate;
+	intptr_t tag;
+};
+
+static void *gated_task(void *arg)
+{
+	struct gated *g = arg;
+	int rc = zk_sem_wait(&g->gate);
+	return (void *)(rc ? (intptr_t)rc : g->tag);
+}
+
+/* Spawn n gated tasks, alternating between the two workers. */
+static void spawn_gated(zk_fiber_t **f, struct gated *g, int n, intptr_t tag0)
+{
+	for (int i = 0; i < n; i++) {
+		ck_assert_int_eq(zk_sem_init(&g[i].gate, 0), 0);
+		g[i].tag = tag0 + i;
+		ck_assert_int_eq(zk_spawn_on(zk_runtime_current(), i % 2, &f[i], gated_task, &g[i], NULL),
+				 0);
+	}
+}
+
+static void *join_timed_waiter(void *arg)
+{
+	void *r = NULL;
+	return (void *)(intptr_t)zk_join_timed(arg, &r, -1);
+}
+
+struct thread_join {
+	zk_fiber_t *f;
+	int rc_timeout, rc_wait;
+	void *result;
+	int finished;
+};
+
+/* From a plain thread: a timed join that expires, then a wait_first that
+ * blocks until the task ends (the fiber side joins it). */
+static void *thread_join_main(void *arg)
+{
+	struct thread_join *tj = arg;
+	tj->rc_timeout = zk_join_timed(tj->f, &tj->result, zk_now_ns() + 2 * MS);
+	tj->rc_wait = zk_wait_first(&tj->f, 1, -1, 0);
+	__atomic_store_n(&tj->finished, 1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+static void *join_timed_main(void *arg)
+{
+	zk_fiber_t *f;
+	struct gated g;
+	spawn_gated(&f, &g, 1, 40);
+	void *r = (void *)1;
+	/* a deadline that expires, one already past, the fiber's own */
+	int64_t t0 = zk_now_ns();
+	ck_assert_int_eq(zk_join_timed(f, &r, t0 + 3 * MS), -ETIMEDOUT);
+	ck_assert_int_ge(zk_now_ns() - t0, 3 * MS);
+	ck_assert_int_eq(zk_join_timed(f, &r, zk_now_ns() - 1), -ETIMEDOUT);
+	ck_assert_int_eq(zk_deadline_set(zk_now_ns() + 2 * MS), 0);
+	ck_assert_int_eq(zk_join_timed(f, &r, -1), -ETIMEDOUT);
+	zk_deadline_clear();
+	ck_assert_ptr_eq(r, (void *)1); /* untouched by the failures */
+
+	/* a cancelled timed join leaves the task alone, and joinable */
+	zk_fiber_t *w;
+	ck_assert_int_eq(zk_spawn(&w, join_timed_waiter, f), 0);
+	zk_sleep_ns(2 * MS);
+	ck_assert_int_eq(zk_detach(f), -EBUSY); /* a wait on it is in progress */
+	ck_assert_int_eq(zk_cancel(w), 0);
+	void *wr;
+	ck_assert_int_eq(zk_join(w, &wr), 0);
+	ck_assert_int_eq((intptr_t)wr, -ECANCELED);
+
+	/* a plain thread times out too, then waits for the end */
+	struct thread_join tj = { .f = f };
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, thread_join_main, &tj), 0);
+	zk_sleep_ns(10 * MS);
+	ck_assert_int_eq(zk_sem_post(&g.gate), 0);
+	ck_assert_int_eq(zk_wait_first(&f, 1, -1, 0), 0);
+	/* the thread's wait uses the handle: keep it valid until that ends */
+	for (int i = 0; i < 10000 && !__atomic_load_n(&tj.finished, __ATOMIC_ACQUIRE); i++)
+		zk_sleep_ns(MS);
+	ck_assert_int_eq(__atomic_load_n(&tj.finished, __ATOMIC_ACQUIRE), 1);
+	pthread_join(th, NULL);
+	ck_assert_int_eq(zk_join_timed(f, &r, zk_now_ns() + 10000 * MS), 0);
+	ck_assert_int_eq((intptr_t)r, 40);
+	ck_assert_int_eq(tj.rc_timeout, -ETIMEDOUT);
+	ck_assert_int_eq(tj.rc_wait, 0);
+
+	/* an ended task is joined even with a deadline already past */
+	spawn_gated(&f, &g, 1, 41);
+	ck_assert_int_eq(zk_sem_post(&g.gate), 0);
+	ck_assert_int_eq(zk_wait_first(&f, 1, -1, 0), 0);
+	ck_assert_int_eq(zk_join_timed(f, &r, zk_now_ns() - 1), 0);
+	ck_assert_int_eq((intptr_t)r, 41);
+	return NULL;
+}
+
+START_TEST(test_join_timed_expires_then_a_later_join_succeeds)
+{
+	run2(join_timed_main, NULL);
+}
+END_TEST
+
+enum { WF_N = 40 }; /* more than fit on the stack: the allocated path too */
+
+static void *wait_first_main(void *arg)
+{
+	zk_fiber_t *f[WF_N];
+	static struct gated g[WF_N];
+	spawn_gated(f, g, WF_N, 100);
+	zk_sleep_ns(MS); /* most are parked at their gates by now */
+	ck_assert_int_eq(zk_sem_post(&g[23].gate), 0);
+	ck_assert_int_eq(zk_wait_first(f, WF_N, -1, 0), 23);
+	/* nothing was consumed or cancelled: it still reports 23 at once */
+	ck_assert_int_eq(zk_wait_first(f, WF_N, zk_now_ns() - 1, 0), 23);
+	/* a subset without 23: the next one to end, on either worker */
+	zk_fiber_t *sub[3] = { f[4], f[7], f[30] };
+	ck_assert_int_eq(zk_sem_post(&g[7].gate), 0);
+	ck_assert_int_eq(zk_wait_first(sub, 3, zk_now_ns() + 10000 * MS, 0), 1);
+	for (int i = 0; i < WF_N; i++)
+		if (i != 23 && i != 7)
+			ck_assert_int_eq(zk_sem_post(&g[i].gate), 0);
+	for (int i = 0; i < WF_N; i++) {
+		void *r;
+		ck_assert_int_eq(zk_join(f[i], &r), 0);
+		ck_assert_int_eq((intptr_t)r, 100 + i); /* none was cancelled */
+	}
+	return NULL;
+}
+
+START_TEST(test_wait_first_returns_the_first_to_end_across_two_workers)
+{
+	run2(wait_first_main, NULL);
+}
+END_TEST
+
+static void *cancel_rest_main(void *arg)
+{
+	enum { N = 6 };
+	zk_fiber_t *f[N];
+	struct gated g[N];
+	spawn_gated(f, g, N, 200);
+	ck_assert_int_eq(zk_sem_post(&g[4].gate), 0);
+	ck_assert_int_eq(zk_wait_first(f, N, -1, ZK_WAIT_CANCEL_REST), 4);
+	/* the others were cancelled: their gate waits end with -ECANCELED
+	 * (or, if one had not started yet, it never runs: join says so) */
+	for (int i = 0; i < N; i++) {
+		void *r = NULL;
+		int rc = zk_join(f[i], &r);
+		if (i == 4) {
+			ck_assert_int_eq(rc, 0);
+			ck_assert_int_eq((intptr_t)r, 204);
+		} else if (rc == 0) {
+			ck_assert_int_eq((intptr_t)r, -ECANCELED);
+		} else {
+			ck_assert_int_eq(rc, -ECANCELED);
+		}
+	}
+	return NULL;
+}
+
+START_TEST(test_wait_first_cancels_the_rest_when_asked)
+{
+	run2(cancel_rest_main, NULL);
+}
+END_TEST
+
+struct wf_args {
+	zk_fiber_t **f;
+	int n;
+};
+
+static void *wait_first_waiter(void *arg)
+{
+	struct wf_args *a = arg;
+	return (void *)(intptr_t)zk_wait_first(a->f, a->n, -1, ZK_WAIT_CANCEL_REST);
+}
+
+static void *wait_first_fails_main(void *arg)
+{
+	enum { N = 4 };
+	zk_fiber_t *f[N];
+	struct gated g[N];
+	spawn_gated(f, g, N, 300);
+	int64_t t0 = zk_now_ns();
+	ck_assert_int_eq(zk_wait_first(f, N, t0 + 3 * MS, ZK_WAIT_CANCEL_REST), -ETIMEDOUT);
+	ck_assert_int_ge(zk_now_ns() - t0, 3 * MS);
+	ck_assert_int_eq(zk_wait_first(f, N, zk_now_ns() - 1, ZK_WAIT_CANCEL_REST), -ETIMEDOUT);
+	ck_assert_int_eq(zk_deadline_set(zk_now_ns() + 2 * MS), 0);
+	ck_assert_int_eq(zk_wait_first(f, N, -1, ZK_WAIT_CANCEL_REST), -ETIMEDOUT);
+	zk_deadline_clear();
+	/* a cancelled waiter returns -ECANCELED and cancels nobody */
+	struct wf_args a = { f, N };
+	zk_fiber_t *w;
+	ck_assert_int_eq(zk_spawn(&w, wait_first_waiter, &a), 0);
+	zk_sleep_ns(2 * MS);
+	ck_assert_int_eq(zk_cancel(w), 0);
+	void *wr;
+	ck_assert_int_eq(zk_join(w, &wr), 0);
+	ck_assert_int_eq((intptr_t)wr, -ECANCELED);
+	/* bad calls */
+	ck_assert_int_eq(zk_wait_first(f, 0, -1, 0), -EINVAL);
+	ck_assert_int_eq(zk_wait_first(f, N, -1, 8), -EINVAL);
+	ck_assert_int_eq(zk_wait_first(NULL, 1, -1, 0), -EINVAL);
+	zk_fiber_t *me[2] = { f[0], zk_self() };
+	ck_assert_int_eq(zk_wait_first(me, 2, -1, 0), -EDEADLK);
+	ck_assert_int_eq(zk_join_timed(zk_self(), NULL, -1), -EDEADLK);
+	ck_assert_int_eq(zk_join_timed(NULL, NULL, -1), -EINVAL);
+	/* every task is intact: none was cancelled by the failed waits */
+	for (int i = 0; i < N; i++)
+		ck_assert_int_eq(zk_sem_post(&g[i].gate), 0);
+	for (int i = 0; i < N; i++) {
+		void *r;
+		ck_assert_int_eq(zk_join(f[i], &r), 0);
+		ck_assert_int_eq((intptr_t)r, 300 + i);
+	}
+	return NULL;
+}
+
+START_TEST(test_wait_first_times_out_and_is_cancellable_leaving_tasks_alone)
+{
+	run2(wait_first_fails_main, NULL);
+}
+END_TEST
+
+/* Ends racing timeouts: tasks on both workers end while waits on them
+ * time out, many times over.  Whatever wins, the outcome is consistent:
+ * an index means that task has ended; every handle is joined once. */
+static void *quick_task(void *arg)
+{
+	if ((intptr_t)arg & 1)
+		zk_yield();
+	return arg;
+}
+
+static void *race_main(void *arg)
+{
+	int rounds = getenv("ZK_TEST_QUICK") ? 300 : 3000;
+	long won = 0, timed_out = 0;
+	for (int r = 0; r < rounds; r++) {
+		zk_fiber_t *f[3];
+		for (intptr_t i = 0; i < 3; i++)
+			ck_assert_int_eq(zk_spawn_on(zk_runtime_current(), (int)((r + i) % 2), &f[i],
+						     quick_task, (void *)(intptr_t)(r + i), NULL),
+					 0);
+		int64_t d = zk_now_ns() + (r % 4) * 1000;
+		int rc = r % 3 ? zk_wait_first(f, 3, d, 0) : zk_join_timed(f[0], NULL, d);
+		if (rc >= 0) {
+			won++;
+			/* it has ended: a wait with a past deadline sees it */
+			if (r % 3)
+				ck_assert_int_ge(zk_wait_first(&f[rc], 1, zk_now_ns() - 1, 0), 0);
+			else
+				f[0] = NULL; /* joined */
+		} else {
+			ck_assert_int_eq(rc, -ETIMEDOUT);
+			timed_out++;
+		}
+		for (int i = 0; i < 3; i++) {
+			void *res;
+			if (!f[i])
+				continue;
+			ck_assert_int_eq(zk_join(f[i], &res), 0);
+			ck_assert_int_eq((intptr_t)res, r + i);
+		}
+	}
+	ck_assert_int_eq(won + timed_out, rounds);
+	return NULL;
+}
+
+START_TEST(test_end_waits_racing_timeouts_stay_consistent)
+{
+	run2(race_main, NULL);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("sync");
@@ -1151,7 +1621,8 @@ int main(void)
 	tcase_add_test(tc, test_chan_mpmc_delivers_a_million_messages_exactly_once);
 	tcase_add_test(tc, test_chan_rendezvous_and_unbounded_deliver_exactly_once);
 	tcase_add_test(tc, test_mutex_counter_incremented_by_1000_fibers_is_exact);
-	tcase_add_test(tc, test_mutex_hands_off_to_the_longest_waiter);
+	tcase_add_test(tc, test_mutex_barges_then_hands_off_to_a_starving_waiter_in_arrival_order);
+	tcase_add_test(tc, test_mutex_waiters_do_not_starve_behind_barging_lockers);
 	tcase_add_test(tc, test_chan_close_wakes_parked_senders_and_receivers);
 	tcase_add_test(tc, test_select_chooses_uniformly_among_ready_cases);
 	tcase_add_test(tc, test_select_waits_times_out_and_has_a_default);
@@ -1165,6 +1636,11 @@ int main(void)
 	tcase_add_test(tc, test_scope_first_failure_cancels_the_rest_and_is_returned);
 	tcase_add_test(tc, test_scope_owner_cancelled_cancels_members_and_outlives_them);
 	tcase_add_test(tc, test_generator_yields_in_order_and_can_be_abandoned_mid_stream);
+	tcase_add_test(tc, test_join_timed_expires_then_a_later_join_succeeds);
+	tcase_add_test(tc, test_wait_first_returns_the_first_to_end_across_two_workers);
+	tcase_add_test(tc, test_wait_first_cancels_the_rest_when_asked);
+	tcase_add_test(tc, test_wait_first_times_out_and_is_cancellable_leaving_tasks_alone);
+	tcase_add_test(tc, test_end_waits_racing_timeouts_stay_consistent);
 	suite_add_tcase(s, tc);
 	SRunner *sr = srunner_create(s);
 	srunner_run_all(sr, CK_NORMAL);
