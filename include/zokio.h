@@ -109,7 +109,9 @@ ZK_API int zk_runtime_run(zk_runtime_t *rt);
 /* Ask every live fiber of a running runtime to stop: each one is cancelled
  * (see zk_cancel) so that its current or next suspension point returns
  * -ECANCELED and it can unwind.  zk_runtime_run() still returns only once
- * they have all ended.  Any thread. */
+ * they have all ended.  Any thread; a zk_runtime_destroy() that follows the
+ * run at once waits until a shutdown in progress on another thread has
+ * returned. */
 ZK_API void zk_runtime_shutdown(zk_runtime_t *rt);
 
 /* Free a runtime that is not running.  Fibers that were spawned but never
