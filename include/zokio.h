@@ -633,8 +633,8 @@ ZK_API int zk_wait_writable(int fd, int64_t deadline_ns);
  *
  *   - The call's deadline and the fiber's (zk_deadline_set) combine: the
  *     earlier wins; either gives -ETIMEDOUT.  Cancellation still gives
- *     -ECANCELED.  Nothing outlives the call: the fiber's deadline and the
- *     fd are left as they were.
+ *     -ECANCELED.  Nothing of the deadline outlives the call: no timer
+ *     stays armed, and the fiber's own deadline is left as it was.
  *   - The deadline bounds the call as a whole, including the readiness
  *     waits and retries inside it (a connect's wait for the handshake).
  *     A deadline already past still lets the call do what needs no wait
@@ -656,8 +656,10 @@ ZK_API int zk_wait_writable(int fd, int64_t deadline_ns);
  *     variants: disk I/O does not wait for a peer, and an operation the
  *     kernel has started on a file is not abandoned half way.
  *   - Helpers that make several calls (zk_tcp_connect: name resolution,
- *     then one connect per address) are bounded as a whole by the fiber's
- *     deadline; see zk_deadline_set.
+ *     then one connect per address) take no deadline of their own: set the
+ *     fiber's (zk_deadline_set) around them, which bounds their connects;
+ *     name resolution runs on the blocking pool, which is not interrupted
+ *     (see zk_blocking).
  * Fiber or plain thread, like the calls they extend. */
 ZK_API ssize_t zk_read_timed(int fd, void *buf, size_t len, int64_t deadline_ns);
 ZK_API ssize_t zk_write_timed(int fd, const void *buf, size_t len, int64_t deadline_ns);
