@@ -109,7 +109,9 @@ ZK_API int zk_runtime_run(zk_runtime_t *rt);
 /* Ask every live fiber of a running runtime to stop: each one is cancelled
  * (see zk_cancel) so that its current or next suspension point returns
  * -ECANCELED and it can unwind.  zk_runtime_run() still returns only once
- * they have all ended.  Any thread. */
+ * they have all ended.  Any thread; a zk_runtime_destroy() that follows the
+ * run at once waits until a shutdown in progress on another thread has
+ * returned. */
 ZK_API void zk_runtime_shutdown(zk_runtime_t *rt);
 
 /* Free a runtime that is not running.  Fibers that were spawned but never
@@ -692,6 +694,67 @@ ZK_API int zk_openat(int dirfd, const char *path, int flags, mode_t mode);
  * -ECANCELED.  On a plain thread this is poll(). */
 ZK_API int zk_wait_readable(int fd, int64_t deadline_ns);
 ZK_API int zk_wait_writable(int fd, int64_t deadline_ns);
+
+/* ---- per-call timeouts ---- */
+
+/* Each call above that waits for a peer has a _timed twin that takes one
+ * more argument: an absolute deadline, deadline_ns (zk_now_ns() clock,
+ * < 0 = none), as the *_timed calls of the sync layer do.
+ *
+ *     int64_t give_up = zk_now_ns() + 2000000000;        // 2 s from now
+ *     n = zk_recv_timed(fd, buf, sizeof(buf), 0, give_up);
+ *     if (n == -ETIMEDOUT) ...                            // nothing arrived
+ *
+ * An absolute deadline, not a duration, so that one budget covers a whole
+ * exchange: a loop that sends a buffer in pieces or reads a message in
+ * parts passes the same give_up to every call.
+ *
+ *   - The call's deadline and the fiber's (zk_deadline_set) combine: the
+ *     earlier wins; either gives -ETIMEDOUT.  Cancellation still gives
+ *     -ECANCELED.  Nothing of the deadline outlives the call: no timer
+ *     stays armed, and the fiber's own deadline is left as it was.
+ *   - The deadline bounds the call as a whole, including the readiness
+ *     waits and retries inside it (a connect's wait for the handshake).
+ *     A deadline already past still lets the call do what needs no wait
+ *     (data that has arrived, room in the send buffer).
+ *   - A call that returns -ETIMEDOUT transferred nothing.  Under io_uring
+ *     the operation is cancelled in the kernel and the fiber resumes only
+ *     once the kernel has let go of the buffer; if the operation completed
+ *     anyway, its real result is returned instead, so no data is lost.
+ *     After a timed-out zk_connect_timed the socket's state is
+ *     unspecified: close it.
+ *   - On a plain thread the wait happens in poll(), bounded by the
+ *     deadline; the call is then made once the fd is ready.  Socket calls
+ *     add MSG_DONTWAIT and zk_connect_timed starts the attempt
+ *     non-blocking, so those never wait past the deadline; a plain read,
+ *     write or accept on a *blocking* fd that another thread drains
+ *     between the poll and the call can still block (use O_NONBLOCK fds
+ *     for a hard bound).
+ *   - Files (zk_pread, zk_pwrite, zk_fsync, zk_open) have no timed
+ *     variants: disk I/O does not wait for a peer, and an operation the
+ *     kernel has started on a file is not abandoned half way.
+ *   - Helpers that make several calls (zk_tcp_connect: name resolution,
+ *     then one connect per address) take no deadline of their own: set the
+ *     fiber's (zk_deadline_set) around them, which bounds their connects;
+ *     name resolution runs on the blocking pool, which is not interrupted
+ *     (see zk_blocking).
+ * Fiber or plain thread, like the calls they extend. */
+ZK_API ssize_t zk_read_timed(int fd, void *buf, size_t len, int64_t deadline_ns);
+ZK_API ssize_t zk_write_timed(int fd, const void *buf, size_t len, int64_t deadline_ns);
+ZK_API ssize_t zk_readv_timed(int fd, const struct iovec *iov, int iovcnt, int64_t deadline_ns);
+ZK_API ssize_t zk_writev_timed(int fd, const struct iovec *iov, int iovcnt, int64_t deadline_ns);
+ZK_API ssize_t zk_recv_timed(int fd, void *buf, size_t len, int flags, int64_t deadline_ns);
+ZK_API ssize_t zk_send_timed(int fd, const void *buf, size_t len, int flags, int64_t deadline_ns);
+ZK_API ssize_t zk_recvmsg_timed(int fd, struct msghdr *msg, int flags, int64_t deadline_ns);
+ZK_API ssize_t zk_sendmsg_timed(int fd, const struct msghdr *msg, int flags, int64_t deadline_ns);
+ZK_API ssize_t zk_recvfrom_timed(int fd, void *buf, size_t len, int flags,
+				 struct sockaddr *addr, socklen_t *addrlen, int64_t deadline_ns);
+ZK_API ssize_t zk_sendto_timed(int fd, const void *buf, size_t len, int flags,
+			       const struct sockaddr *addr, socklen_t addrlen, int64_t deadline_ns);
+ZK_API int zk_accept_timed(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags,
+			   int64_t deadline_ns);
+ZK_API int zk_connect_timed(int fd, const struct sockaddr *addr, socklen_t addrlen,
+			    int64_t deadline_ns);
 
 /* ---- blocking pool ---- */
 

@@ -444,6 +444,16 @@ static int poll_thread(int fd, int events, int64_t deadline)
 	}
 }
 
+/* The outcome of a non-blocking connect that has become writable. */
+static int connect_outcome(int fd)
+{
+	int err = 0;
+	socklen_t len = sizeof(err);
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+		return -errno;
+	return -err;
+}
+
 /* A plain thread: the blocking call (waiting in poll if the fd happens to
  * be non-blocking). */
 static ssize_t op_thread(struct zk__op *op)
@@ -454,19 +464,54 @@ static ssize_t op_thread(struct zk__op *op)
 			continue;
 		if (op->kind == ZK__OP_CONNECT && r == -EINPROGRESS) {
 			int rc = poll_thread(op->fd, POLLOUT, ZK__NO_DEADLINE);
-			if (rc)
-				return rc;
-			int err = 0;
-			socklen_t len = sizeof(err);
-			if (getsockopt(op->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-				return -errno;
-			return -err;
+			return rc ? rc : connect_outcome(op->fd);
 		}
 		if (r != -EAGAIN && r != -EWOULDBLOCK)
 			return r;
 		int rc = poll_thread(op->fd, poll_dir(op->kind), op->deadline);
 		if (rc)
 			return rc;
+	}
+}
+
+/* A plain thread's connect with a deadline: a blocking connect() cannot be
+ * bounded, so the attempt is started with the socket switched to
+ * non-blocking (the connection proceeds in the kernel whatever the flag
+ * says afterwards) and waited for in poll(). */
+static int connect_thread_timed(struct zk__op *op)
+{
+	int fl = fcntl(op->fd, F_GETFL);
+	if (fl < 0)
+		return -errno;
+	if (!(fl & O_NONBLOCK) && fcntl(op->fd, F_SETFL, fl | O_NONBLOCK) < 0)
+		return -errno;
+	ssize_t r = op_syscall(op, 0);
+	if (!(fl & O_NONBLOCK))
+		fcntl(op->fd, F_SETFL, fl);
+	if (r != -EINPROGRESS && r != -EINTR)
+		return (int)r;
+	int rc = poll_thread(op->fd, POLLOUT, op->deadline);
+	return rc ? rc : connect_outcome(op->fd);
+}
+
+/* A plain thread's call with its own deadline: the waiting happens in
+ * poll(), bounded by the deadline, and the call is made once the fd is
+ * ready - socket calls with MSG_DONTWAIT, so they never block.  A plain
+ * read, write or accept on a blocking fd that another thread drains
+ * between the poll and the call can still block (zokio.h says so). */
+static ssize_t op_thread_timed(struct zk__op *op)
+{
+	if (op->kind == ZK__OP_CONNECT)
+		return connect_thread_timed(op);
+	int is_sock = op->kind == ZK__OP_RECV || op->kind == ZK__OP_SEND ||
+		      op->kind == ZK__OP_RECVMSG || op->kind == ZK__OP_SENDMSG;
+	for (;;) {
+		int rc = poll_thread(op->fd, poll_dir(op->kind), op->deadline);
+		if (rc)
+			return rc;
+		ssize_t r = op_syscall(op, is_sock ? MSG_DONTWAIT : 0);
+		if (r != -EAGAIN && r != -EWOULDBLOCK && r != -EINTR)
+			return r;
 	}
 }
 
@@ -497,13 +542,7 @@ static void *op_on_pool(void *arg)
 static int connect_finish(int fd, int64_t deadline)
 {
 	int rc = wait_ready(fd, POLLOUT, deadline);
-	if (rc)
-		return rc;
-	int err = 0;
-	socklen_t len = sizeof(err);
-	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-		return -errno;
-	return -err;
+	return rc ? rc : connect_outcome(fd);
 }
 
 /* Readiness path: try, wait on EAGAIN, try again.  A read (or recv) that
@@ -526,7 +565,9 @@ static ssize_t op_readiness(struct zk__op *op)
 	if ((op->kind == ZK__OP_RECV || op->kind == ZK__OP_READ) && !(op->flags & MSG_PEEK) &&
 	    op->fd >= 0 && op->fd < NB_FDS && op->len > 0) {
 		drained = &rd_drained[op->fd];
-		if (atomic_load_explicit(drained, memory_order_relaxed)) {
+		/* Not past a deadline: the call must still take what has come. */
+		if (atomic_load_explicit(drained, memory_order_relaxed) &&
+		    (op->deadline == ZK__NO_DEADLINE || op->deadline > zk__now())) {
 			atomic_store_explicit(drained, 0, memory_order_relaxed);
 			int rc = wait_ready(op->fd, POLLIN, op->deadline);
 			if (rc)
@@ -608,7 +649,7 @@ static ssize_t op_run(struct zk__op *op)
 {
 	struct zk__worker *w = io_worker();
 	if (!w)
-		return op_thread(op);
+		return op->deadline == ZK__NO_DEADLINE ? op_thread(op) : op_thread_timed(op);
 	if (atomic_load_explicit(&w->current->cancel, memory_order_relaxed))
 		return -ECANCELED;
 	op->deadline = zk__effective_deadline(op->deadline);
@@ -653,95 +694,147 @@ static void op_init(struct zk__op *op, int kind, int fd)
 
 /* ---- the public calls ---------------------------------------------------- */
 
-static ssize_t rw(int kind, int fd, void *buf, size_t len, int64_t off)
+/* A public deadline (< 0: none) as an op's. */
+static int64_t call_deadline(int64_t deadline_ns)
+{
+	return deadline_ns < 0 ? ZK__NO_DEADLINE : deadline_ns;
+}
+
+static ssize_t rw(int kind, int fd, void *buf, size_t len, int64_t off, int64_t deadline)
 {
 	struct zk__op op;
 	op_init(&op, kind, fd);
 	op.buf = buf;
 	op.len = len;
 	op.off = off;
+	op.deadline = deadline;
 	return op_run(&op);
 }
 
 ssize_t zk_read(int fd, void *buf, size_t len)
 {
-	return rw(ZK__OP_READ, fd, buf, len, -1);
+	return rw(ZK__OP_READ, fd, buf, len, -1, ZK__NO_DEADLINE);
+}
+
+ssize_t zk_read_timed(int fd, void *buf, size_t len, int64_t deadline_ns)
+{
+	return rw(ZK__OP_READ, fd, buf, len, -1, call_deadline(deadline_ns));
 }
 
 ssize_t zk_write(int fd, const void *buf, size_t len)
 {
-	return rw(ZK__OP_WRITE, fd, (void *)buf, len, -1);
+	return rw(ZK__OP_WRITE, fd, (void *)buf, len, -1, ZK__NO_DEADLINE);
+}
+
+ssize_t zk_write_timed(int fd, const void *buf, size_t len, int64_t deadline_ns)
+{
+	return rw(ZK__OP_WRITE, fd, (void *)buf, len, -1, call_deadline(deadline_ns));
 }
 
 ssize_t zk_pread(int fd, void *buf, size_t len, off_t off)
 {
 	if (off < 0)
 		return -EINVAL;
-	return rw(ZK__OP_READ, fd, buf, len, off);
+	return rw(ZK__OP_READ, fd, buf, len, off, ZK__NO_DEADLINE);
 }
 
 ssize_t zk_pwrite(int fd, const void *buf, size_t len, off_t off)
 {
 	if (off < 0)
 		return -EINVAL;
-	return rw(ZK__OP_WRITE, fd, (void *)buf, len, off);
+	return rw(ZK__OP_WRITE, fd, (void *)buf, len, off, ZK__NO_DEADLINE);
 }
 
-static ssize_t rwv(int kind, int fd, const struct iovec *iov, int iovcnt)
+static ssize_t rwv(int kind, int fd, const struct iovec *iov, int iovcnt, int64_t deadline)
 {
 	struct zk__op op;
 	op_init(&op, kind, fd);
 	op.iov = iov;
 	op.iovcnt = iovcnt;
+	op.deadline = deadline;
 	return op_run(&op);
 }
 
 ssize_t zk_readv(int fd, const struct iovec *iov, int iovcnt)
 {
-	return rwv(ZK__OP_READV, fd, iov, iovcnt);
+	return rwv(ZK__OP_READV, fd, iov, iovcnt, ZK__NO_DEADLINE);
+}
+
+ssize_t zk_readv_timed(int fd, const struct iovec *iov, int iovcnt, int64_t deadline_ns)
+{
+	return rwv(ZK__OP_READV, fd, iov, iovcnt, call_deadline(deadline_ns));
 }
 
 ssize_t zk_writev(int fd, const struct iovec *iov, int iovcnt)
 {
-	return rwv(ZK__OP_WRITEV, fd, iov, iovcnt);
+	return rwv(ZK__OP_WRITEV, fd, iov, iovcnt, ZK__NO_DEADLINE);
 }
 
-ssize_t zk_recv(int fd, void *buf, size_t len, int flags)
+ssize_t zk_writev_timed(int fd, const struct iovec *iov, int iovcnt, int64_t deadline_ns)
+{
+	return rwv(ZK__OP_WRITEV, fd, iov, iovcnt, call_deadline(deadline_ns));
+}
+
+ssize_t zk_recv_timed(int fd, void *buf, size_t len, int flags, int64_t deadline_ns)
 {
 	struct zk__op op;
 	op_init(&op, ZK__OP_RECV, fd);
 	op.buf = buf;
 	op.len = len;
 	op.flags = flags;
+	op.deadline = call_deadline(deadline_ns);
 	return op_run(&op);
 }
 
-ssize_t zk_send(int fd, const void *buf, size_t len, int flags)
+ssize_t zk_recv(int fd, void *buf, size_t len, int flags)
+{
+	return zk_recv_timed(fd, buf, len, flags, -1);
+}
+
+ssize_t zk_send_timed(int fd, const void *buf, size_t len, int flags, int64_t deadline_ns)
 {
 	struct zk__op op;
 	op_init(&op, ZK__OP_SEND, fd);
 	op.buf = (void *)buf;
 	op.len = len;
 	op.flags = flags | MSG_NOSIGNAL;
+	op.deadline = call_deadline(deadline_ns);
 	return op_run(&op);
 }
 
-ssize_t zk_recvmsg(int fd, struct msghdr *msg, int flags)
+ssize_t zk_send(int fd, const void *buf, size_t len, int flags)
+{
+	return zk_send_timed(fd, buf, len, flags, -1);
+}
+
+ssize_t zk_recvmsg_timed(int fd, struct msghdr *msg, int flags, int64_t deadline_ns)
 {
 	struct zk__op op;
 	op_init(&op, ZK__OP_RECVMSG, fd);
 	op.msg = msg;
 	op.flags = flags;
+	op.deadline = call_deadline(deadline_ns);
 	return op_run(&op);
 }
 
-ssize_t zk_sendmsg(int fd, const struct msghdr *msg, int flags)
+ssize_t zk_recvmsg(int fd, struct msghdr *msg, int flags)
+{
+	return zk_recvmsg_timed(fd, msg, flags, -1);
+}
+
+ssize_t zk_sendmsg_timed(int fd, const struct msghdr *msg, int flags, int64_t deadline_ns)
 {
 	struct zk__op op;
 	op_init(&op, ZK__OP_SENDMSG, fd);
 	op.msg = (struct msghdr *)msg;
 	op.flags = flags | MSG_NOSIGNAL;
+	op.deadline = call_deadline(deadline_ns);
 	return op_run(&op);
+}
+
+ssize_t zk_sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+	return zk_sendmsg_timed(fd, msg, flags, -1);
 }
 
 ssize_t zk_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
@@ -762,8 +855,26 @@ ssize_t zk_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *a
 	return r;
 }
 
-ssize_t zk_sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr,
-		  socklen_t addrlen)
+ssize_t zk_recvfrom_timed(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
+			  socklen_t *addrlen, int64_t deadline_ns)
+{
+	struct iovec iov = { buf, len };
+	struct msghdr msg;
+	memset(&msg, 0, sizeof(msg));
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	if (addr && addrlen) {
+		msg.msg_name = addr;
+		msg.msg_namelen = *addrlen;
+	}
+	ssize_t r = zk_recvmsg_timed(fd, &msg, flags, deadline_ns);
+	if (r >= 0 && addr && addrlen)
+		*addrlen = msg.msg_namelen;
+	return r;
+}
+
+ssize_t zk_sendto_timed(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr,
+			socklen_t addrlen, int64_t deadline_ns)
 {
 	struct iovec iov = { (void *)buf, len };
 	struct msghdr msg;
@@ -772,10 +883,17 @@ ssize_t zk_sendto(int fd, const void *buf, size_t len, int flags, const struct s
 	msg.msg_iovlen = 1;
 	msg.msg_name = (void *)addr;
 	msg.msg_namelen = addr ? addrlen : 0;
-	return zk_sendmsg(fd, &msg, flags);
+	return zk_sendmsg_timed(fd, &msg, flags, deadline_ns);
 }
 
-int zk_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+ssize_t zk_sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr,
+		  socklen_t addrlen)
+{
+	return zk_sendto_timed(fd, buf, len, flags, addr, addrlen, -1);
+}
+
+int zk_accept_timed(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags,
+		    int64_t deadline_ns)
 {
 	if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC))
 		return -EINVAL;
@@ -784,16 +902,28 @@ int zk_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
 	op.addr = addr;
 	op.addrlenp = addrlen;
 	op.flags = flags;
+	op.deadline = call_deadline(deadline_ns);
 	return (int)op_run(&op);
 }
 
-int zk_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
+int zk_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+	return zk_accept_timed(fd, addr, addrlen, flags, -1);
+}
+
+int zk_connect_timed(int fd, const struct sockaddr *addr, socklen_t addrlen, int64_t deadline_ns)
 {
 	struct zk__op op;
 	op_init(&op, ZK__OP_CONNECT, fd);
 	op.addr = (struct sockaddr *)addr;
 	op.addrlen = addrlen;
+	op.deadline = call_deadline(deadline_ns);
 	return (int)op_run(&op);
+}
+
+int zk_connect(int fd, const struct sockaddr *addr, socklen_t addrlen)
+{
+	return zk_connect_timed(fd, addr, addrlen, -1);
 }
 
 int zk_shutdown(int fd, int how)

@@ -100,6 +100,11 @@ void zk_runtime_shutdown(zk_runtime_t *rt)
 {
 	if (!rt)
 		return;
+	/* Called from another thread, our cancels may end the last fiber, so
+	 * that zk_runtime_run() returns and its caller destroys the runtime
+	 * while we still walk its records: count ourselves among the foreign
+	 * wakers, whom zk_runtime_destroy() waits for (zk__sched_quiesce). */
+	atomic_fetch_add_explicit(&rt->foreign_wakers, 1, memory_order_seq_cst);
 	/* As zk_cancel, in two passes around one heavy barrier: mark every
 	 * live fiber, then wake those parked. */
 	pthread_mutex_lock(&rt->rec_lock);
@@ -120,6 +125,7 @@ void zk_runtime_shutdown(zk_runtime_t *rt)
 		}
 	}
 	pthread_mutex_unlock(&rt->rec_lock);
+	atomic_fetch_sub_explicit(&rt->foreign_wakers, 1, memory_order_release);
 }
 
 int zk_runtime_destroy(zk_runtime_t *rt)

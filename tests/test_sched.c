@@ -1704,6 +1704,29 @@ START_TEST(test_shutdown_from_a_plain_thread_ends_a_two_worker_run)
 }
 END_TEST
 
+/* The usual shape of a service: a signal thread calls shutdown, the main
+ * thread's run returns once the last fiber has ended - possibly while
+ * shutdown is still walking the runtime - and destroys the runtime at
+ * once.  Destroy must wait for shutdown to be done with it (ASan and TSan
+ * see it if not). */
+START_TEST(test_destroy_right_after_a_plain_thread_shutdown_waits_for_it)
+{
+	for (int round = 0; round < 20; round++) {
+		struct shut *sh = calloc(1, sizeof(*sh));
+		sh->nparkers = 4;
+		sh->rt = rt_new(2, 0);
+		for (int i = 0; i < sh->nparkers; i++)
+			ck_assert_int_eq(zk_spawn_ex(sh->rt, NULL, cancel_parker, sh, NULL), 0);
+		pthread_t th;
+		ck_assert_int_eq(pthread_create(&th, NULL, shutdown_from_plain, sh), 0);
+		ck_assert_int_eq(zk_runtime_run(sh->rt), 0);
+		ck_assert_int_eq(zk_runtime_destroy(sh->rt), 0);
+		pthread_join(th, NULL);
+		free(sh);
+	}
+}
+END_TEST
+
 /* ---- configuration ----------------------------------------------------------- */
 
 static int workers_of(const zk_runtime_opts_t *o)
@@ -1801,6 +1824,7 @@ static Suite *sched_suite(void)
 	tcase_add_test(tc, test_spawn_and_join_from_plain_threads);
 	tcase_add_test(tc, test_shutdown_cancels_running_parked_and_unstarted_fibers);
 	tcase_add_test(tc, test_shutdown_from_a_plain_thread_ends_a_two_worker_run);
+	tcase_add_test(tc, test_destroy_right_after_a_plain_thread_shutdown_waits_for_it);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("observability");
