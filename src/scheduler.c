@@ -994,9 +994,12 @@ static int spin_slot_claim(zk_runtime_t *rt)
  * read at most once per 10 ms per worker; unreadable means "not busy". */
 static int cpus_oversubscribed(void)
 {
-	static long ncpu;
-	if (!ncpu)
+	static _Atomic long ncpu_cached; /* workers race to fill it: same value */
+	long ncpu = atomic_load_explicit(&ncpu_cached, memory_order_relaxed);
+	if (!ncpu) {
 		ncpu = sysconf(_SC_NPROCESSORS_ONLN) > 0 ? sysconf(_SC_NPROCESSORS_ONLN) : 1;
+		atomic_store_explicit(&ncpu_cached, ncpu, memory_order_relaxed);
+	}
 	char buf[128];
 	int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
