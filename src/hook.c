@@ -28,6 +28,7 @@
 #include "config.h"
 #include "zokio.h"
 #include "zokio_hook.h"
+#include "msghdr.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -627,15 +628,9 @@ static ssize_t recvfrom_hooked(int fd, void *buf, size_t n, int flags, struct so
 {
 	if (fd_kind(fd) != FD_SOCK)
 		return real.recvfrom(fd, buf, n, flags, addr, addrlen); /* ENOTSOCK, EBADF */
-	struct iovec v = { buf, n };
+	struct iovec v;
 	struct msghdr m;
-	memset(&m, 0, sizeof(m));
-	m.msg_iov = &v;
-	m.msg_iovlen = 1;
-	if (addr && addrlen) {
-		m.msg_name = addr;
-		m.msg_namelen = *addrlen;
-	}
+	zk__msghdr_one(&m, &v, buf, n, addrlen ? addr : NULL, addrlen ? *addrlen : 0);
 	ssize_t r = sock_io(fd, &m, flags, 0);
 	if (r >= 0 && addr && addrlen)
 		*addrlen = m.msg_namelen;
@@ -694,13 +689,9 @@ static ssize_t sendto_hooked(int fd, const void *buf, size_t n, int flags,
 {
 	if (fd_kind(fd) != FD_SOCK)
 		return real.sendto(fd, buf, n, flags, addr, addrlen);
-	struct iovec v = { (void *)buf, n };
+	struct iovec v;
 	struct msghdr m;
-	memset(&m, 0, sizeof(m));
-	m.msg_iov = &v;
-	m.msg_iovlen = 1;
-	m.msg_name = (void *)addr;
-	m.msg_namelen = addr ? addrlen : 0;
+	zk__msghdr_one(&m, &v, (void *)buf, n, (void *)addr, addrlen);
 	return sock_io(fd, &m, flags, 1);
 }
 
