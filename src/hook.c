@@ -348,7 +348,10 @@ static int hooked(void *ra)
 
 /* ---- what kind of fd ------------------------------------------------------- */
 
-enum { FD_UNKNOWN, FD_SOCK, FD_POLL, FD_FILE };
+/* FD_POLL: a pipe, FIFO, eventfd, terminal... that takes RWF_NOWAIT
+ * (most do); FD_POLL_WAIT: one that refused it (EOPNOTSUPP), which is
+ * waited for with poll before the real call. */
+enum { FD_UNKNOWN, FD_SOCK, FD_POLL, FD_FILE, FD_POLL_WAIT };
 
 /* Sockets and other pollable fds are remembered by number until close();
  * files are looked at every time, so a stale entry can only ever send a
@@ -415,7 +418,7 @@ static int64_t sock_deadline(int fd, int opt)
 	return zk_now_ns() + (int64_t)tv.tv_sec * 1000000000 + (int64_t)tv.tv_usec * 1000;
 }
 
-/* A blocking pipe, terminal, eventfd...: park until it is ready.  0 to go
+/* A blocking fd that refused RWF_NOWAIT: park until it is ready.  0 to go
  * on with the real call, or -1 with errno.  The call is made at once when
  * it cannot wait: a non-blocking fd, or one not open for that direction
  * (the read end of a pipe never becomes writable: write says EBADF). */
@@ -549,6 +552,81 @@ static ssize_t rw_real(int op, int fd, const struct iovec *iov, int cnt)
 	}
 }
 
+/* One attempt that never waits, at the file position, with the fd's own
+ * flags untouched: RWF_NOWAIT makes a pipe answer as an O_NONBLOCK one
+ * would (a write of up to PIPE_BUF bytes goes in whole or not at all). */
+static ssize_t nowait_rw(int out, int fd, const struct iovec *iov, size_t cnt)
+{
+	return out ? pwritev2(fd, iov, (int)cnt, -1, RWF_NOWAIT)
+		   : preadv2(fd, iov, (int)cnt, -1, RWF_NOWAIT);
+}
+
+/* read/write/readv/writev on a pipe, FIFO, eventfd... with the semantics
+ * of the fd's own mode, and without ever letting the real call block:
+ *   - a read returns what is there, parking first while nothing is;
+ *   - a blocking write moves every byte: what fits now, then the fiber
+ *     parks until the fd is writable and goes on with the rest (writes of
+ *     up to PIPE_BUF bytes stay atomic); stopped by an error it returns
+ *     the count moved so far, as the kernel does;
+ *   - on an fd the application made O_NONBLOCK, the first answer stands.
+ * Returns -2 (errno untouched) when the fd refuses RWF_NOWAIT before
+ * anything moved: the caller then waits for readiness the old way. */
+static ssize_t pipe_io(int out, int fd, const struct iovec *iov, int cnt)
+{
+	struct iovec small[8], *copy = NULL, *w = (struct iovec *)iov;
+	size_t wn = (size_t)cnt, want = iov_total(iov, (size_t)cnt), done = 0;
+	int nb = -1; /* the application's O_NONBLOCK, asked once, when it matters */
+	ssize_t res;
+	for (;;) {
+		ssize_t r = nowait_rw(out, fd, w, wn);
+		if (r >= 0) {
+			done += (size_t)r;
+			if (!out || done >= want) {
+				res = (ssize_t)done;
+				break;
+			}
+		} else {
+			int e = get_errno();
+			if (e == EINTR)
+				continue;
+			if ((e == EOPNOTSUPP || e == ENOSYS) && done == 0) {
+				res = -2;
+				break;
+			}
+			if (e != EAGAIN) {
+				res = done ? (ssize_t)done : fail(e);
+				break;
+			}
+		}
+		if (nb < 0)
+			nb = fd_nonblocking(fd);
+		if (nb) {
+			res = done ? (ssize_t)done : fail(EAGAIN);
+			break;
+		}
+		if (r > 0) { /* a partial write: the rest, from a private iovec copy */
+			if (!copy) {
+				copy = wn <= 8 ? small : malloc(wn * sizeof(*copy));
+				if (!copy) {
+					res = (ssize_t)done;
+					break;
+				}
+				memcpy(copy, w, wn * sizeof(*copy));
+				w = copy;
+			}
+			iov_advance(&w, &wn, (size_t)r);
+		}
+		int rc = park_fd(fd, out ? POLLOUT : POLLIN, -1);
+		if (rc) {
+			res = done ? (ssize_t)done : fail(-rc);
+			break;
+		}
+	}
+	if (copy && copy != small)
+		free(copy);
+	return res;
+}
+
 static ssize_t rw_hooked(int op, int fd, const struct iovec *iov, int cnt)
 {
 	int out = op == RW_WRITE || op == RW_WRITEV;
@@ -568,7 +646,15 @@ static ssize_t rw_hooked(int op, int fd, const struct iovec *iov, int cnt)
 			}
 			return r;
 		}
-		case FD_POLL:
+		case FD_POLL: {
+			ssize_t r = pipe_io(out, fd, iov, cnt);
+			if (r != -2)
+				return r;
+			if (fd >= 0 && fd < KINDS_MAX)
+				atomic_store_explicit(&kinds[fd], FD_POLL_WAIT, memory_order_relaxed);
+		}
+			/* fall through */
+		case FD_POLL_WAIT:
 			if (other_wait(fd, out ? POLLOUT : POLLIN) < 0)
 				return -1;
 			return rw_real(op, fd, iov, cnt);

@@ -17,6 +17,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netdb.h>
 #include <poll.h>
 #include <pthread.h>
@@ -813,6 +814,162 @@ START_TEST(test_files_and_getaddrinfo_in_a_fiber)
 }
 END_TEST
 
+/* ---- pipes: blocking writes larger than the free space ------------------- */
+
+/* Fill the pipe's write end w until only one page is free (a pipe counts
+ * pages), plus extra bytes in a last, partly used page when extra > 0.
+ * Returns the number of bytes written. */
+static size_t pipe_fill(int w, size_t extra)
+{
+	int cap = fcntl(w, F_GETPIPE_SZ);
+	ck_assert_int_ge(cap, 2 * 4096);
+	char page[4096];
+	memset(page, 'f', sizeof(page));
+	size_t n = 0;
+	for (int i = 0; i < cap / 4096 - 1; i++) { /* fits: never parks */
+		ck_assert_int_eq(write(w, page, sizeof(page)), (ssize_t)sizeof(page));
+		n += sizeof(page);
+	}
+	if (extra) {
+		ck_assert_int_eq(write(w, page, extra), (ssize_t)extra);
+		n += extra;
+	}
+	return n;
+}
+
+struct pipe_job {
+	int fd;
+	size_t n;      /* bytes per write */
+	int count;     /* writes */
+	char tag;      /* 0: a pattern by position; else every byte is tag */
+	ssize_t r;     /* the last write's result */
+};
+
+static char pattern_at(size_t i)
+{
+	return (char)(i * 13 + 1);
+}
+
+static void *pipe_writer(void *arg)
+{
+	struct pipe_job *j = arg;
+	char *p = malloc(j->n);
+	for (size_t i = 0; i < j->n; i++)
+		p[i] = j->tag ? j->tag : pattern_at(i);
+	for (int k = 0; k < j->count; k++) {
+		j->r = write(j->fd, p, j->n); /* blocking fd, not enough room: parks */
+		if (j->r != (ssize_t)j->n)
+			break;
+	}
+	free(p);
+	return NULL;
+}
+
+/* Read exactly n bytes (hooked reads: park while the pipe is empty). */
+static void read_all(int fd, char *buf, size_t n)
+{
+	size_t got = 0;
+	while (got < n) {
+		ssize_t r = read(fd, buf + got, n - got);
+		ck_assert_int_gt(r, 0);
+		got += (size_t)r;
+	}
+}
+
+struct pipe_reader_job {
+	int fd;
+	size_t n;
+	char *buf;
+};
+
+static void *pipe_reader(void *arg)
+{
+	struct pipe_reader_job *j = arg;
+	read_all(j->fd, j->buf, j->n);
+	return NULL;
+}
+
+static void *pipe_big_write_main(void *arg)
+{
+	int *pf = arg;
+	size_t filled = pipe_fill(pf[1], 0);
+	/* 1 MiB into one free page: the write must park for the rest, or the
+	 * worker - the only one - blocks and the reader below never runs. */
+	struct pipe_job wj = { pf[1], 1 << 20, 1, 0, 0 };
+	zk_fiber_t *w, *r;
+	ck_assert_int_eq(zk_spawn(&w, pipe_writer, &wj), 0);
+	zk_yield(); /* the writer moves one page and parks */
+	struct pipe_reader_job rj = { pf[0], filled + wj.n, malloc(filled + wj.n) };
+	ck_assert_int_eq(zk_spawn(&r, pipe_reader, &rj), 0);
+	zk_join(r, NULL);
+	zk_join(w, NULL);
+	ck_assert_int_eq(wj.r, (ssize_t)wj.n); /* one blocking write moved it all */
+	for (size_t i = 0; i < filled; i++)
+		ck_assert_int_eq(rj.buf[i], 'f');
+	for (size_t i = 0; i < wj.n; i++)
+		if (rj.buf[filled + i] != pattern_at(i))
+			ck_abort_msg("byte %zu differs", i);
+	free(rj.buf);
+	/* The application's flags are untouched. */
+	ck_assert_int_eq(fcntl(pf[1], F_GETFL) & O_NONBLOCK, 0);
+	return NULL;
+}
+
+START_TEST(test_blocking_pipe_write_larger_than_free_space_parks)
+{
+	int pf[2];
+	ck_assert_int_eq(pipe(pf), 0);
+	run_on(_i, 1, pipe_big_write_main, pf);
+	close(pf[0]);
+	close(pf[1]);
+}
+END_TEST
+
+/* Writers of PIPE_BUF bytes into a pipe with less room than that: each
+ * write still arrives in one piece. */
+static void *pipe_atomic_main(void *arg)
+{
+	enum { K = 8 };
+	int *pf = arg;
+	size_t filled = pipe_fill(pf[1], 100); /* the last page has 3996 bytes free */
+	struct pipe_job a = { pf[1], PIPE_BUF, K, 'a', 0 }, b = { pf[1], PIPE_BUF, K, 'b', 0 };
+	zk_fiber_t *wa, *wb, *r;
+	ck_assert_int_eq(zk_spawn(&wa, pipe_writer, &a), 0);
+	ck_assert_int_eq(zk_spawn(&wb, pipe_writer, &b), 0);
+	zk_yield();
+	size_t n = filled + 2 * K * PIPE_BUF;
+	struct pipe_reader_job rj = { pf[0], n, malloc(n) };
+	ck_assert_int_eq(zk_spawn(&r, pipe_reader, &rj), 0);
+	zk_join(r, NULL);
+	zk_join(wa, NULL);
+	zk_join(wb, NULL);
+	ck_assert_int_eq(a.r, PIPE_BUF);
+	ck_assert_int_eq(b.r, PIPE_BUF);
+	/* After the filler: runs of one letter, each a whole number of writes. */
+	size_t i = filled;
+	while (i < n) {
+		size_t run = 1;
+		while (i + run < n && rj.buf[i + run] == rj.buf[i])
+			run++;
+		ck_assert(rj.buf[i] == 'a' || rj.buf[i] == 'b');
+		ck_assert_msg(run % PIPE_BUF == 0, "a run of %zu '%c' at %zu: a write was split", run,
+			      rj.buf[i], i - filled);
+		i += run;
+	}
+	free(rj.buf);
+	return NULL;
+}
+
+START_TEST(test_blocking_pipe_writes_up_to_pipe_buf_stay_atomic)
+{
+	int pf[2];
+	ck_assert_int_eq(pipe(pf), 0);
+	run_on(_i, 1, pipe_atomic_main, pf);
+	close(pf[0]);
+	close(pf[1]);
+}
+END_TEST
+
 /* ---- pass-through on plain threads ----------------------------------------- */
 
 static void *thread_writer(void *arg)
@@ -1237,6 +1394,8 @@ static Suite *hook_suite(void)
 	tcase_add_loop_test(tc, test_sleeps_park_concurrently, 0, 2);
 	tcase_add_loop_test(tc, test_per_fiber_switch_turns_hooking_off, 0, 2);
 	tcase_add_loop_test(tc, test_files_and_getaddrinfo_in_a_fiber, 0, 2);
+	tcase_add_loop_test(tc, test_blocking_pipe_write_larger_than_free_space_parks, 0, 2);
+	tcase_add_loop_test(tc, test_blocking_pipe_writes_up_to_pipe_buf_stay_atomic, 0, 2);
 	suite_add_tcase(s, tc);
 	TCase *libs = tcase_create("libraries");
 	tcase_set_timeout(libs, 60);
