@@ -37,6 +37,7 @@
 #include <link.h>
 #include <netdb.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -50,6 +51,9 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef HAVE_LIBURING
+#include <liburing.h>
+#endif
 
 #define HOOK_API __attribute__((visibility("default")))
 #define RA() __builtin_return_address(0)
@@ -203,6 +207,8 @@ static struct {
 	NULL, NULL, NULL, NULL, NULL, NULL,
 };
 
+static void ring_key_init(void);
+
 static _Atomic int resolve_state;       /* 0 not yet, 1 in progress, 2 done */
 static __thread int resolving;          /* this thread is inside resolve() */
 static int hook_on;                     /* ZOKIO_HOOK != 0 and resolved */
@@ -315,6 +321,7 @@ static void resolve(void)
 	FIND("__poll_chk", poll_chk);
 	FIND("__ppoll_chk", ppoll_chk);
 	find_core();
+	ring_key_init();
 	key_ok = zk_key_create(&off_key, NULL) == 0;
 	const char *e = getenv("ZOKIO_HOOK");
 	hook_on = !(e && e[0] == '0' && e[1] == 0);
@@ -805,21 +812,144 @@ HOOK_API ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 
 /* ---- accept, connect, close ------------------------------------------------- */
 
-/* Wait until the listener has a connection queued, then accept it.  (With
- * a listener shared with other threads the accept can still lose the race
- * and block; see zokio_hook.h.) */
+/* accept4 has no per-call "don't wait" flag (SOCK_NONBLOCK is for the new
+ * socket; the listener's O_NONBLOCK is shared with every thread and
+ * process that holds it, so it cannot be flipped for one call without
+ * making another thread's blocking accept fail with EAGAIN).  io_uring's
+ * accept can be made not to wait: it is tried at once, without blocking,
+ * and when nothing is queued it only arms an internal poll, which is then
+ * cancelled.  Each worker thread gets a private two-entry ring for this,
+ * used only between submit and completion inside one call (never across a
+ * park), and closed when the thread exits. */
+#ifdef HAVE_LIBURING
+static pthread_key_t ring_key;
+static int ring_key_ok;
+static __thread struct io_uring *tl_ring;
+static __thread int tl_ring_refused;
+
+static void ring_free(void *p)
+{
+	io_uring_queue_exit(p);
+	free(p);
+}
+
+static void ring_key_init(void)
+{
+	ring_key_ok = pthread_key_create(&ring_key, ring_free) == 0;
+}
+
+/* This thread's ring; NULL where io_uring is refused (seccomp, disabled,
+ * RLIMIT_MEMLOCK) or no key could hold it. */
+static struct io_uring *my_ring(void)
+{
+	if (tl_ring || tl_ring_refused)
+		return tl_ring;
+	struct io_uring *r = ring_key_ok ? malloc(sizeof(*r)) : NULL;
+	if (!r || io_uring_queue_init(2, r, 0) < 0) {
+		free(r);
+		tl_ring_refused = 1;
+		return NULL;
+	}
+	pthread_setspecific(ring_key, r);
+	tl_ring = r;
+	return r;
+}
+
+/* Wait for the completion of the operation tagged tag; its result. */
+static int ring_result(struct io_uring *r, uint64_t tag, int *other)
+{
+	for (;;) {
+		struct io_uring_cqe *cqe;
+		int rc = io_uring_wait_cqe(r, &cqe);
+		if (rc == -EINTR)
+			continue;
+		if (rc < 0)
+			return rc;
+		uint64_t t = cqe->user_data;
+		int res = cqe->res;
+		io_uring_cqe_seen(r, cqe);
+		if (t == tag)
+			return res;
+		*other = 1;
+	}
+}
+
+/* One accept4 that never waits.  The new fd, -EAGAIN when nothing is
+ * queued, another negative errno, or -ENOSYS without a ring.  OPAQUE: the
+ * thread-local ring is looked up anew on every call, never kept across
+ * the caller's parks (the fiber may resume on another thread). */
+static OPAQUE int accept_nowait(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+	struct io_uring *r = my_ring();
+	if (!r)
+		return -ENOSYS;
+	struct io_uring_sqe *sqe = io_uring_get_sqe(r);
+	if (!sqe)
+		return -ENOSYS;
+	io_uring_prep_accept(sqe, fd, addr, addrlen, flags);
+	io_uring_sqe_set_data64(sqe, 1);
+	int rc = io_uring_submit(r);
+	if (rc != 1)
+		return rc < 0 ? rc : -EAGAIN;
+	struct io_uring_cqe *cqe;
+	if (io_uring_peek_cqe(r, &cqe) == 0) { /* done at once: the usual case */
+		int res = cqe->res;
+		io_uring_cqe_seen(r, cqe);
+		return res;
+	}
+	/* Nothing queued: the accept waits on an internal poll.  Cancel it;
+	 * a connection that arrived meanwhile is still accepted (the result
+	 * then is its fd, not -ECANCELED), so none is lost.  Both completions
+	 * are reaped before the ring is used again. */
+	sqe = io_uring_get_sqe(r);
+	io_uring_prep_cancel64(sqe, 1, 0);
+	io_uring_sqe_set_data64(sqe, 2);
+	io_uring_submit(r);
+	int cancel_seen = 0;
+	int res = ring_result(r, 1, &cancel_seen);
+	if (!cancel_seen) {
+		int dummy = 0;
+		ring_result(r, 2, &dummy);
+	}
+	return res == -ECANCELED || res == -EINTR ? -EAGAIN : res;
+}
+#else
+static void ring_key_init(void)
+{
+}
+
+static int accept_nowait(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+	return -ENOSYS;
+}
+#endif
+
+/* A blocking listener: accept what is queued, else park until the
+ * listener is readable and try again.  Another thread that takes the
+ * connection first only sends the fiber back to wait.  Without io_uring
+ * the accept is libc's once the listener was seen readable, and can then
+ * lose that race and block (see zokio_hook.h). */
 static int accept_hooked(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
 {
-	if (fd_kind(fd) != FD_SOCK)
+	if (fd_kind(fd) != FD_SOCK || (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)))
 		return real.accept4(fd, addr, addrlen, flags);
 	int64_t deadline = NOT_YET;
 	for (;;) {
-		struct pollfd p = { .fd = fd, .events = POLLIN };
-		if (real.poll(&p, 1, 0) != 0)
-			return real.accept4(fd, addr, addrlen, flags);
+		int r = accept_nowait(fd, addr, addrlen, flags);
+		if (r >= 0)
+			return r;
+		if (r == -ENOSYS) {
+			struct pollfd p = { .fd = fd, .events = POLLIN };
+			if (real.poll(&p, 1, 0) != 0)
+				return real.accept4(fd, addr, addrlen, flags);
+		} else if (r == -EINTR) {
+			continue;
+		} else if (r != -EAGAIN) {
+			return (int)fail(-r);
+		}
 		if (deadline == NOT_YET) {
 			if (fd_nonblocking(fd))
-				return real.accept4(fd, addr, addrlen, flags);
+				return r == -ENOSYS ? real.accept4(fd, addr, addrlen, flags) : (int)fail(EAGAIN);
 			deadline = sock_deadline(fd, SO_RCVTIMEO);
 		}
 		int rc = park_fd(fd, POLLIN, deadline);

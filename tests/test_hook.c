@@ -970,6 +970,156 @@ START_TEST(test_blocking_pipe_writes_up_to_pipe_buf_stay_atomic)
 }
 END_TEST
 
+/* ---- accept racing a plain thread on one listener ------------------------ */
+
+/* A fiber and a plain thread both accept in a loop on one blocking
+ * listener; a connector (another plain thread) makes one connection per
+ * round.  Whoever loses a round must go back to waiting: a fiber whose
+ * accept blocked its worker instead would leave the worker unable to
+ * answer the connector's ping (an echo fiber on the same worker) until
+ * the next connection.  The ping gets 10 s: a generous bound, not a
+ * timing assumption. */
+struct race {
+	int l;
+	int ping[2];          /* connector <-> echo fiber */
+	int done[2];          /* the connector says it has finished */
+	int port, rounds;
+	atomic_int accepted, by_fiber, stop, fiber_out, thread_out;
+	int blocked;
+};
+
+static void race_took_one(struct race *r, int fd, int fiber)
+{
+	close(fd);
+	if (atomic_load(&r->stop))
+		return;
+	atomic_fetch_add(&r->accepted, 1);
+	if (fiber)
+		atomic_fetch_add(&r->by_fiber, 1);
+}
+
+/* The thread looks before it takes, with a varying pause in between, so
+ * that its accept lands at all points of the fiber's own look-then-take
+ * (where the fiber's accept would lose and, if libc's, block the worker). */
+static void *race_thread_acceptor(void *arg)
+{
+	struct race *r = arg;
+	unsigned seed = 7;
+	while (!atomic_load(&r->stop)) {
+		struct pollfd p = { r->l, POLLIN, 0 };
+		if (poll(&p, 1, 100) != 1) /* a plain thread: libc's calls */
+			continue;
+		usleep((useconds_t)(rand_r(&seed) % 40));
+		int fd = accept(r->l, NULL, NULL); /* blocks when the fiber won */
+		if (fd < 0)
+			break;
+		race_took_one(r, fd, 0);
+	}
+	atomic_store(&r->thread_out, 1);
+	return NULL;
+}
+
+static void *race_fiber_acceptor(void *arg)
+{
+	struct race *r = arg;
+	while (!atomic_load(&r->stop)) {
+		int fd = accept(r->l, NULL, NULL); /* hooked */
+		if (fd < 0)
+			break;
+		race_took_one(r, fd, 1);
+	}
+	atomic_store(&r->fiber_out, 1);
+	return NULL;
+}
+
+static void *race_echo(void *arg)
+{
+	struct race *r = arg;
+	char c;
+	while (read(r->ping[0], &c, 1) == 1 && c != 'q')
+		if (write(r->ping[0], &c, 1) != 1)
+			break;
+	return NULL;
+}
+
+static void race_connect(struct race *r)
+{
+	struct sockaddr_in sa = local_addr(r->port);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
+		close(fd);
+	else if (fd >= 0)
+		close(fd);
+}
+
+/* Plain thread: the rounds, then the connections that let both acceptors
+ * see stop. */
+static void *race_connector(void *arg)
+{
+	struct race *r = arg;
+	for (int i = 0; i < r->rounds && !r->blocked; i++) {
+		race_connect(r);
+		for (int k = 0; k < 10000 && atomic_load(&r->accepted) <= i; k++)
+			usleep(1000);
+		char c = 'p';
+		struct pollfd p = { r->ping[1], POLLIN, 0 };
+		if (write(r->ping[1], &c, 1) != 1 || poll(&p, 1, 10000) != 1 ||
+		    read(r->ping[1], &c, 1) != 1)
+			r->blocked = i + 1;
+	}
+	atomic_store(&r->stop, 1);
+	for (int k = 0; k < 100 && !(atomic_load(&r->fiber_out) && atomic_load(&r->thread_out)); k++) {
+		race_connect(r);
+		usleep(10000);
+	}
+	ssize_t w = write(r->done[1], "x", 1);
+	(void)w;
+	return NULL;
+}
+
+static void *accept_race_main(void *arg)
+{
+	struct race *r = arg;
+	zk_fiber_t *fa, *echo;
+	ck_assert_int_eq(zk_spawn(&echo, race_echo, r), 0);
+	ck_assert_int_eq(zk_spawn(&fa, race_fiber_acceptor, r), 0);
+	pthread_t ta, tc;
+	ck_assert_int_eq(pthread_create(&ta, NULL, race_thread_acceptor, r), 0);
+	ck_assert_int_eq(pthread_create(&tc, NULL, race_connector, r), 0);
+	char c;
+	ck_assert_int_eq(read(r->done[0], &c, 1), 1); /* parks until the connector ends */
+	ck_assert_int_eq(write(r->ping[1], "q", 1), 1);
+	zk_join(echo, NULL);
+	zk_join(fa, NULL);
+	pthread_join(tc, NULL); /* both threads have ended by now */
+	pthread_join(ta, NULL);
+	return (void *)1;
+}
+
+START_TEST(test_accept_racing_a_plain_thread_never_blocks_the_worker)
+{
+	struct race r;
+	memset(&r, 0, sizeof(r));
+	r.rounds = 1000;
+	r.l = listen_local(&r.port);
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, r.ping), 0);
+	ck_assert_int_eq(pipe(r.done), 0);
+	void *ran = run_on(_i, 1, accept_race_main, &r);
+	close(r.l);
+	close(r.ping[0]);
+	close(r.ping[1]);
+	close(r.done[0]);
+	close(r.done[1]);
+	if (!ran)
+		return;
+	fprintf(stderr, "test_hook: %s: accept race: %d of %d connections taken by the fiber\n",
+		backend_names[_i], atomic_load(&r.by_fiber), atomic_load(&r.accepted));
+	ck_assert_msg(!r.blocked, "round %d: the worker was blocked in accept", r.blocked);
+	ck_assert_int_eq(atomic_load(&r.fiber_out), 1);
+	ck_assert_int_eq(atomic_load(&r.thread_out), 1);
+}
+END_TEST
+
 /* ---- pass-through on plain threads ----------------------------------------- */
 
 static void *thread_writer(void *arg)
@@ -1396,6 +1546,7 @@ static Suite *hook_suite(void)
 	tcase_add_loop_test(tc, test_files_and_getaddrinfo_in_a_fiber, 0, 2);
 	tcase_add_loop_test(tc, test_blocking_pipe_write_larger_than_free_space_parks, 0, 2);
 	tcase_add_loop_test(tc, test_blocking_pipe_writes_up_to_pipe_buf_stay_atomic, 0, 2);
+	tcase_add_loop_test(tc, test_accept_racing_a_plain_thread_never_blocks_the_worker, 0, 2);
 	suite_add_tcase(s, tc);
 	TCase *libs = tcase_create("libraries");
 	tcase_set_timeout(libs, 60);
