@@ -208,6 +208,9 @@ static struct {
 };
 
 static void ring_key_init(void);
+static void set_free(void *p);
+static zk_key_t set_key;
+static int set_key_ok;
 
 static _Atomic int resolve_state;       /* 0 not yet, 1 in progress, 2 done */
 static __thread int resolving;          /* this thread is inside resolve() */
@@ -323,6 +326,7 @@ static void resolve(void)
 	find_core();
 	ring_key_init();
 	key_ok = zk_key_create(&off_key, NULL) == 0;
+	set_key_ok = zk_key_create(&set_key, set_free) == 0;
 	const char *e = getenv("ZOKIO_HOOK");
 	hook_on = !(e && e[0] == '0' && e[1] == 0);
 	resolving = 0;
@@ -357,8 +361,9 @@ static int hooked(void *ra)
 
 /* FD_POLL: a pipe, FIFO, eventfd, terminal... that takes RWF_NOWAIT
  * (most do); FD_POLL_WAIT: one that refused it (EOPNOTSUPP), which is
- * waited for with poll before the real call. */
-enum { FD_UNKNOWN, FD_SOCK, FD_POLL, FD_FILE, FD_POLL_WAIT };
+ * waited for with poll before the real call.  FD_HOOK_SET marks the hook's own
+ * epoll sets (see wait_any). */
+enum { FD_UNKNOWN, FD_SOCK, FD_POLL, FD_FILE, FD_POLL_WAIT, FD_HOOK_SET };
 
 /* Sockets and other pollable fds are remembered by number until close();
  * files are looked at every time, so a stale entry can only ever send a
@@ -1018,9 +1023,138 @@ HOOK_API int close(int fd)
 #define POLL_RD (POLLIN | POLLPRI | POLLRDNORM | POLLRDBAND | POLLRDHUP)
 #define POLL_WR (POLLOUT | POLLWRNORM | POLLWRBAND)
 
+/* Several fds, or one in both directions, are waited for through an epoll
+ * set that holds them: the set is readable as soon as one of them is
+ * ready, and that is one fd for the runtime to wait on.  Each fiber keeps
+ * its set (fiber-local; closed when the fiber ends), so a loop that polls
+ * the same fds again and again - libcurl polls its socket and its wake-up
+ * pipe for every response - pays no epoll_create1/close per call, and the
+ * runtime's backend sees the same fd each time.
+ *
+ * The set is brought in line with each call's fds with EPOLL_CTL_MOD (ADD
+ * when the fd's current file is not in the set), never trusted blindly: a
+ * number closed behind the hook's back (fclose, close_range, an io_uring
+ * close) and reused for another file must not leave the new file
+ * unwatched.  fds of the previous call not in this one are deleted.  The
+ * opposite case - a registration of a file that has since lost its number
+ * but is still open elsewhere - can only make the set look ready when
+ * nothing polled is: a wake that finds nothing ready therefore has the
+ * set rebuilt from scratch before the next wait. */
+struct pollset {
+	int ep;      /* -1: none */
+	int stale;   /* rebuild before the next wait */
+	size_t n, cap;
+	int *fds;    /* what the last call registered */
+};
+
+/* Is ep (still) one of the hook's sets?  An application that closes every
+ * fd (close() loops after fork, say) may close it under us. */
+static int set_is_ours(int ep)
+{
+	return ep < 0 || ep >= KINDS_MAX ||
+	       atomic_load_explicit(&kinds[ep], memory_order_relaxed) == FD_HOOK_SET;
+}
+
+static void set_drop(struct pollset *s)
+{
+	if (s->ep >= 0 && set_is_ours(s->ep)) {
+		fd_forget(s->ep);
+		real.close(s->ep);
+	}
+	s->ep = -1;
+	s->n = 0;
+	s->stale = 0;
+}
+
+static void set_free(void *p)
+{
+	struct pollset *s = p;
+	set_drop(s);
+	free(s->fds);
+	free(s);
+}
+
+/* The calling fiber's set (NULL: none could be made; the caller then uses
+ * a set of its own for the one call). */
+static struct pollset *my_set(void)
+{
+	if (!set_key_ok)
+		return NULL;
+	struct pollset *s = zk_key_get(set_key);
+	if (s)
+		return s;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return NULL;
+	s->ep = -1;
+	if (zk_key_set(set_key, s) != 0) {
+		free(s);
+		return NULL;
+	}
+	return s;
+}
+
+static int fd_in(const struct pollfd *fds, nfds_t n, int fd)
+{
+	for (nfds_t i = 0; i < n; i++)
+		if (fds[i].fd == fd)
+			return 1;
+	return 0;
+}
+
+/* Make s hold exactly the interests of fds (fd < 0 ignored, duplicates
+ * merged).  0 or a negative errno. */
+static int set_sync(struct pollset *s, const struct pollfd *fds, nfds_t n)
+{
+	if (s->stale || (s->ep >= 0 && !set_is_ours(s->ep)))
+		set_drop(s);
+	if (s->ep < 0) {
+		s->ep = epoll_create1(EPOLL_CLOEXEC);
+		if (s->ep < 0)
+			return -get_errno();
+		if (s->ep < KINDS_MAX)
+			atomic_store_explicit(&kinds[s->ep], FD_HOOK_SET, memory_order_relaxed);
+		s->n = 0;
+	}
+	for (size_t i = 0; i < s->n; i++) /* the last call's fds this one lacks */
+		if (!fd_in(fds, n, s->fds[i]))
+			epoll_ctl(s->ep, EPOLL_CTL_DEL, s->fds[i], NULL); /* gone already: fine */
+	if (n > s->cap) {
+		int *p = realloc(s->fds, n * sizeof(*p));
+		if (!p)
+			return -ENOMEM;
+		s->fds = p;
+		s->cap = n;
+	}
+	s->n = 0;
+	for (nfds_t i = 0; i < n; i++) {
+		int fd = fds[i].fd;
+		if (fd < 0 || fd_in(fds, i, fd))
+			continue;
+		uint32_t want = 0;
+		for (nfds_t j = i; j < n; j++)
+			if (fds[j].fd == fd)
+				want |= (uint16_t)fds[j].events;
+		struct epoll_event e = { .events = want & (POLL_RD | POLL_WR), .data.fd = fd };
+		int rc = epoll_ctl(s->ep, EPOLL_CTL_MOD, fd, &e);
+		if (rc < 0 && get_errno() == ENOENT)
+			rc = epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &e);
+		/* EPERM: a file epoll refuses is always ready for what poll can
+		 * report on it; since it was not, it never will be. */
+		if (rc < 0 && get_errno() != EPERM) {
+			rc = -get_errno();
+			set_drop(s); /* the set no longer matches its list */
+			return rc;
+		}
+		s->fds[s->n++] = fd;
+	}
+	return 0;
+}
+
 /* Park until one of fds may be ready (nothing was when this is called) or
- * deadline passes.  0 (look again), OWN_TIMEOUT, -ETIMEDOUT, -ECANCELED. */
-static int wait_any(const struct pollfd *fds, nfds_t n, int64_t deadline)
+ * deadline passes.  empty_wake: the previous wait of this call woke, yet
+ * nothing was ready.  0 (look again), OWN_TIMEOUT, -ETIMEDOUT, -ECANCELED. */
+static int wait_any(const struct pollfd *fds, nfds_t n, int64_t deadline, int empty_wake)
 {
 	nfds_t used = 0, at = 0;
 	for (nfds_t i = 0; i < n; i++)
@@ -1035,34 +1169,18 @@ static int wait_any(const struct pollfd *fds, nfds_t n, int64_t deadline)
 	short ev = fds[at].events;
 	if (used == 1 && ev && (!(ev & ~POLL_RD) || !(ev & ~POLL_WR)) && !(ev & POLLPRI))
 		return park_fd(fds[at].fd, (ev & POLL_RD) ? POLLIN : POLLOUT, deadline);
-	/* Several fds, or both directions: an epoll set of them is readable
-	 * as soon as one of them is ready, and that is one fd to wait for. */
-	int ep = epoll_create1(EPOLL_CLOEXEC);
-	if (ep < 0)
-		return -get_errno();
-	for (nfds_t i = 0; i < n; i++) {
-		int fd = fds[i].fd, dup = 0;
-		if (fd < 0)
-			continue;
-		for (nfds_t j = 0; j < i && !dup; j++)
-			dup = fds[j].fd == fd;
-		if (dup)
-			continue;
-		uint32_t want = 0;
-		for (nfds_t j = i; j < n; j++)
-			if (fds[j].fd == fd)
-				want |= (uint16_t)fds[j].events;
-		struct epoll_event e = { .events = want & (POLL_RD | POLL_WR), .data.fd = fd };
-		/* EPERM: a file epoll refuses is always ready for what poll can
-		 * report on it; since it was not, it never will be. */
-		if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0 && get_errno() != EPERM) {
-			int rc = -get_errno();
-			real.close(ep);
-			return rc;
-		}
+	struct pollset own = { .ep = -1 }, *s = my_set();
+	if (!s)
+		s = &own;
+	if (empty_wake)
+		s->stale = 1;
+	int rc = set_sync(s, fds, n);
+	if (rc == 0)
+		rc = park_fd(s->ep, POLLIN, deadline);
+	if (s == &own) {
+		set_drop(&own);
+		free(own.fds);
 	}
-	int rc = park_fd(ep, POLLIN, deadline);
-	real.close(ep);
 	return rc;
 }
 
@@ -1081,11 +1199,11 @@ static int64_t ts_deadline(const struct timespec *ts)
 /* poll() in a fiber, with an absolute deadline (< 0: none). */
 static int poll_hooked(struct pollfd *fds, nfds_t n, int64_t deadline)
 {
-	for (;;) {
+	for (int woke = 0;; woke = 1) {
 		int r = real.poll(fds, n, 0);
 		if (r != 0)
 			return r;
-		int rc = wait_any(fds, n, deadline);
+		int rc = wait_any(fds, n, deadline, woke);
 		if (rc == OWN_TIMEOUT)
 			return 0;
 		if (rc < 0)
@@ -1150,7 +1268,7 @@ HOOK_API int select(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, struct timeval
 	int64_t deadline = tv ? zk_now_ns() + (int64_t)tv->tv_sec * 1000000000 + tv->tv_usec * 1000 : -1;
 	struct pollfd *p = NULL;
 	nfds_t n = 0;
-	int res;
+	int res, woke = 0;
 	for (;;) {
 		fd_set r2, w2, e2;
 		if (rd)
@@ -1190,7 +1308,8 @@ HOOK_API int select(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, struct timeval
 				}
 			}
 		}
-		int rc = wait_any(p, n, deadline);
+		int rc = wait_any(p, n, deadline, woke);
+		woke = 1;
 		if (rc == OWN_TIMEOUT) {
 			if (rd)
 				FD_ZERO(rd);

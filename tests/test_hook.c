@@ -15,6 +15,7 @@
 
 #include <check.h>
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -699,6 +700,112 @@ static void *poll_main(void *arg)
 START_TEST(test_poll_select_ppoll_park_until_ready_or_timeout)
 {
 	run_on(_i, 1, poll_main, NULL);
+}
+END_TEST
+
+/* Open fds of this process, from /proc/self/fd. */
+static int open_fds(void)
+{
+	int n = 0;
+	DIR *d = opendir("/proc/self/fd");
+	ck_assert_ptr_nonnull(d);
+	while (readdir(d))
+		n++;
+	closedir(d);
+	return n;
+}
+
+struct later {
+	int fd;
+	int delay_ms;
+};
+
+static void *write_byte_later(void *arg)
+{
+	struct later *l = arg;
+	usleep((useconds_t)l->delay_ms * 1000);
+	ck_assert_int_eq(write(l->fd, "x", 1), 1);
+	return NULL;
+}
+
+/* Park in poll({a, b}) until a fiber writes to which[1]; check revents. */
+static void poll_two_until(int a, int b, int *which)
+{
+	struct later l = { which[1], 20 };
+	zk_fiber_t *w;
+	ck_assert_int_eq(zk_spawn(&w, write_byte_later, &l), 0);
+	struct pollfd p[2] = { { a, POLLIN, 0 }, { b, POLLIN, 0 } };
+	ck_assert_int_eq(poll(p, 2, 5000), 1); /* 5 s: a bound, never reached */
+	ck_assert_int_eq(p[0].revents, a == which[0] ? POLLIN : 0);
+	ck_assert_int_eq(p[1].revents, b == which[0] ? POLLIN : 0);
+	char c;
+	ck_assert_int_eq(read(which[0], &c, 1), 1);
+	zk_join(w, NULL);
+}
+
+static void *poll_set_fiber(void *arg)
+{
+	int (*pf)[2] = arg; /* three pipes */
+	int base = open_fds();
+	/* The same fds again and again: one set, kept. */
+	for (int i = 0; i < 20; i++)
+		poll_two_until(pf[0][0], pf[1][0], pf[i % 2]);
+	ck_assert_int_eq(open_fds(), base + 1);
+	/* Other fds: the set follows; the one dropped no longer counts. */
+	poll_two_until(pf[0][0], pf[2][0], pf[2]);
+	ck_assert_int_eq(open_fds(), base + 1);
+
+	/* A number closed behind the hook's back (dup2 over it, not close())
+	 * and so reused for another file: the new file is watched. */
+	int old = pf[1][0];
+	int np[2];
+	ck_assert_int_eq(pipe(np), 0);
+	ck_assert_int_eq(dup2(np[0], old), old);
+	close(np[0]);
+	np[0] = old;
+	poll_two_until(pf[0][0], old, np);
+
+	/* The same, but the old file stays open elsewhere, still registered
+	 * in the set: its readiness is not the new file's. */
+	int keep = dup(old);
+	ck_assert_int_ge(keep, 0);
+	int np2[2];
+	ck_assert_int_eq(pipe(np2), 0);
+	ck_assert_int_eq(dup2(np2[0], old), old);
+	close(np2[0]);
+	np2[0] = old;
+	ck_assert_int_eq(write(np[1], "s", 1), 1); /* the old file is readable */
+	poll_two_until(pf[0][0], old, np2);        /* yet only the new one counts */
+	close(keep);
+	close(np[1]);
+	close(old);
+	close(np2[1]);
+	pf[1][0] = -1;
+	return NULL;
+}
+
+static void *poll_set_main(void *arg)
+{
+	int pf[3][2];
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(pipe(pf[i]), 0);
+	int before = open_fds();
+	zk_fiber_t *f;
+	ck_assert_int_eq(zk_spawn(&f, poll_set_fiber, pf), 0);
+	zk_join(f, NULL);
+	/* The fiber's set went with it. */
+	ck_assert_int_eq(open_fds(), before - 1); /* pf[1][0] was closed in it */
+	for (int i = 0; i < 3; i++) {
+		if (pf[i][0] >= 0)
+			close(pf[i][0]);
+		close(pf[i][1]);
+	}
+	return NULL;
+}
+
+START_TEST(test_poll_keeps_one_set_per_fiber_and_follows_fd_changes)
+{
+	run_on(_i, 1, poll_set_main, NULL);
 }
 END_TEST
 
@@ -1541,6 +1648,7 @@ static Suite *hook_suite(void)
 	tcase_add_loop_test(tc, test_errno_is_right_after_resuming_on_another_worker, 0, 2);
 	tcase_add_loop_test(tc, test_cancel_and_fiber_deadline_end_a_parked_call, 0, 2);
 	tcase_add_loop_test(tc, test_poll_select_ppoll_park_until_ready_or_timeout, 0, 2);
+	tcase_add_loop_test(tc, test_poll_keeps_one_set_per_fiber_and_follows_fd_changes, 0, 2);
 	tcase_add_loop_test(tc, test_sleeps_park_concurrently, 0, 2);
 	tcase_add_loop_test(tc, test_per_fiber_switch_turns_hooking_off, 0, 2);
 	tcase_add_loop_test(tc, test_files_and_getaddrinfo_in_a_fiber, 0, 2);
