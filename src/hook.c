@@ -45,6 +45,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/select.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -1235,26 +1236,104 @@ static int ppoll_bad_timeout(const struct timespec *t)
 	return t && (t->tv_sec < 0 || t->tv_nsec < 0 || t->tv_nsec >= 1000000000);
 }
 
+/* ppoll with a signal mask, in a fiber.  What ppoll promises is that the
+ * signals its mask lets in - usually ones the thread otherwise blocks, so
+ * that a handler cannot run between checking a flag and waiting - are
+ * delivered only during the wait, and make it fail with EINTR.  The mask
+ * cannot stay applied to the worker while the fiber is parked (the worker
+ * runs other fibers meanwhile), so:
+ *   - every look at the fds is libc's ppoll with a zero timeout and the
+ *     caller's mask, which applies the mask atomically for that instant:
+ *     a signal the mask lets in that is pending then is handled right
+ *     there, on this thread, and the call fails with EINTR;
+ *   - while parked, the fiber also waits on a signalfd of the signals the
+ *     mask lets in that the thread's own mask blocks: one becoming pending
+ *     wakes the fiber, and the next look handles it (EINTR).
+ * So a process-directed signal that every thread blocks outside ppoll
+ * interrupts the call exactly as it would interrupt ppoll.  Not preserved:
+ * a signal sent to one thread (pthread_kill, tgkill) interrupts the call
+ * only while the fiber is on that thread; and signals the mask blocks but
+ * the thread's mask does not may be handled on the worker while the fiber
+ * is parked (as on any other thread of the process that does not block
+ * them), where ppoll would have held them until it returned. */
+static int ppoll_masked(struct pollfd *fds, nfds_t n, int64_t deadline, const sigset_t *mask)
+{
+	sigset_t cur, let_in;
+	int sfd = -1;
+	sigemptyset(&let_in);
+	if (pthread_sigmask(SIG_SETMASK, NULL, &cur) == 0) {
+		for (int sig = 1; sig < NSIG; sig++)
+			if (sigismember(&cur, sig) == 1 && sigismember(mask, sig) == 0)
+				sigaddset(&let_in, sig);
+		if (!sigisemptyset(&let_in))
+			sfd = signalfd(-1, &let_in, SFD_NONBLOCK | SFD_CLOEXEC);
+	}
+	struct pollfd *all = fds;
+	nfds_t total = n;
+	if (sfd >= 0) {
+		all = malloc((n + 1) * sizeof(*all));
+		if (!all) {
+			real.close(sfd);
+			return (int)fail(ENOMEM);
+		}
+		if (n)
+			memcpy(all, fds, n * sizeof(*all));
+		all[n] = (struct pollfd){ .fd = sfd, .events = POLLIN };
+		total = n + 1;
+	}
+	const struct timespec zero = { 0, 0 };
+	int res, e = 0;
+	for (int woke = 0;; woke = 1) {
+		res = real.ppoll(fds, n, &zero, mask);
+		if (res != 0) {
+			e = get_errno();
+			break;
+		}
+		int rc = wait_any(all, total, deadline, woke);
+		if (rc == OWN_TIMEOUT)
+			break;
+		if (rc < 0) {
+			res = -1;
+			e = -rc;
+			break;
+		}
+	}
+	if (all != fds)
+		free(all);
+	if (sfd >= 0)
+		real.close(sfd);
+	if (res < 0)
+		set_errno(e);
+	return res;
+}
+
+/* A ppoll that is libc's to make: nothing to park for (or EINVAL). */
+static int ppoll_passes(const struct timespec *t)
+{
+	return ppoll_bad_timeout(t) || (t && t->tv_sec == 0 && t->tv_nsec == 0);
+}
+
 HOOK_API int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *t, const sigset_t *mask)
 {
-	/* With a signal mask the call is libc's: a mask cannot be applied to
-	 * a worker that goes on running other fibers. */
-	if (!hooked(RA()) || mask || ppoll_bad_timeout(t) || (t && t->tv_sec == 0 && t->tv_nsec == 0))
+	if (!hooked(RA()) || ppoll_passes(t))
 		return real.ppoll(fds, n, t, mask);
+	if (mask)
+		return ppoll_masked(fds, n, ts_deadline(t), mask);
 	return poll_hooked(fds, n, ts_deadline(t));
 }
 
 HOOK_API int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *t,
 			 const sigset_t *mask, size_t fdslen)
 {
-	if (!hooked(RA()) || mask || ppoll_bad_timeout(t) || (t && t->tv_sec == 0 && t->tv_nsec == 0) ||
-	    fdslen / sizeof(*fds) < n) {
+	if (!hooked(RA()) || ppoll_passes(t) || fdslen / sizeof(*fds) < n) {
 		if (real.ppoll_chk)
 			return real.ppoll_chk(fds, n, t, mask, fdslen);
 		if (fdslen / sizeof(*fds) < n)
 			abort();
 		return real.ppoll(fds, n, t, mask);
 	}
+	if (mask)
+		return ppoll_masked(fds, n, ts_deadline(t), mask);
 	return poll_hooked(fds, n, ts_deadline(t));
 }
 

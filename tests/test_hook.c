@@ -809,6 +809,103 @@ START_TEST(test_poll_keeps_one_set_per_fiber_and_follows_fd_changes)
 }
 END_TEST
 
+/* ---- ppoll with a signal mask ---------------------------------------------- */
+
+static volatile sig_atomic_t usr1_seen;
+
+static void on_usr1(int sig)
+{
+	(void)sig;
+	usr1_seen++;
+}
+
+struct kicker {
+	pthread_t thread;
+	int delay_ms;
+};
+
+static void *kick_later(void *arg)
+{
+	struct kicker *k = arg;
+	usleep((useconds_t)k->delay_ms * 1000);
+	pthread_kill(k->thread, SIGUSR1); /* pending: the thread blocks it */
+	return NULL;
+}
+
+static void *ppoll_mask_main(void *arg)
+{
+	(void)arg;
+	struct sigaction sa, old_sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_usr1; /* no SA_RESTART */
+	sigemptyset(&sa.sa_mask);
+	ck_assert_int_eq(sigaction(SIGUSR1, &sa, &old_sa), 0);
+	sigset_t usr1, orig, during;
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	ck_assert_int_eq(pthread_sigmask(SIG_BLOCK, &usr1, &orig), 0);
+	during = orig;
+	sigdelset(&during, SIGUSR1);
+	int pf[2];
+	ck_assert_int_eq(pipe(pf), 0);
+	struct pollfd p = { pf[0], POLLIN, 0 };
+	struct timespec five = { 5, 0 }, short_ts = { 0, 30 * 1000000 };
+
+	/* Already pending when ppoll starts: handled at once, EINTR. */
+	usr1_seen = 0;
+	pthread_kill(pthread_self(), SIGUSR1);
+	ck_assert_int_eq(usr1_seen, 0);
+	errno = 0;
+	ck_assert_int_eq(ppoll(&p, 1, &five, &during), -1);
+	ck_assert_int_eq(errno, EINTR);
+	ck_assert_int_eq(usr1_seen, 1);
+
+	/* Arriving while the fiber is parked: the worker runs the kicker
+	 * (a fiber on the same, only worker), then the ppoll ends with EINTR. */
+	struct ticker t;
+	ticker_start(&t);
+	struct kicker k = { pthread_self(), 30 };
+	zk_fiber_t *kf;
+	ck_assert_int_eq(zk_spawn(&kf, kick_later, &k), 0);
+	errno = 0;
+	ck_assert_int_eq(ppoll(&p, 1, &five, &during), -1);
+	ck_assert_int_eq(errno, EINTR);
+	ck_assert_int_eq(usr1_seen, 2);
+	zk_join(kf, NULL);
+	ck_assert_msg(ticker_stop(&t) >= 1, "the worker was blocked in ppoll");
+
+	/* The thread's own mask is back: SIGUSR1 blocked again. */
+	sigset_t now;
+	ck_assert_int_eq(pthread_sigmask(SIG_SETMASK, NULL, &now), 0);
+	ck_assert_int_eq(sigismember(&now, SIGUSR1), 1);
+
+	/* Data instead of a signal; and a timeout. */
+	struct later l = { pf[1], 20 };
+	zk_fiber_t *w;
+	ck_assert_int_eq(zk_spawn(&w, write_byte_later, &l), 0);
+	ck_assert_int_eq(ppoll(&p, 1, &five, &during), 1);
+	ck_assert(p.revents & POLLIN);
+	zk_join(w, NULL);
+	char c;
+	ck_assert_int_eq(read(pf[0], &c, 1), 1);
+	int64_t t0 = zk_now_ns();
+	ck_assert_int_eq(ppoll(&p, 1, &short_ts, &during), 0);
+	ck_assert_int_ge(ms_since(t0), 28);
+	ck_assert_int_eq(usr1_seen, 2);
+
+	close(pf[0]);
+	close(pf[1]);
+	pthread_sigmask(SIG_SETMASK, &orig, NULL);
+	sigaction(SIGUSR1, &old_sa, NULL);
+	return NULL;
+}
+
+START_TEST(test_ppoll_with_a_mask_parks_and_lets_its_signals_interrupt)
+{
+	run_on(_i, 1, ppoll_mask_main, NULL);
+}
+END_TEST
+
 static void *sleeper(void *arg)
 {
 	int kind = (int)(intptr_t)arg;
@@ -1649,6 +1746,7 @@ static Suite *hook_suite(void)
 	tcase_add_loop_test(tc, test_cancel_and_fiber_deadline_end_a_parked_call, 0, 2);
 	tcase_add_loop_test(tc, test_poll_select_ppoll_park_until_ready_or_timeout, 0, 2);
 	tcase_add_loop_test(tc, test_poll_keeps_one_set_per_fiber_and_follows_fd_changes, 0, 2);
+	tcase_add_loop_test(tc, test_ppoll_with_a_mask_parks_and_lets_its_signals_interrupt, 0, 2);
 	tcase_add_loop_test(tc, test_sleeps_park_concurrently, 0, 2);
 	tcase_add_loop_test(tc, test_per_fiber_switch_turns_hooking_off, 0, 2);
 	tcase_add_loop_test(tc, test_files_and_getaddrinfo_in_a_fiber, 0, 2);
