@@ -9,7 +9,21 @@
  *
  * The program must use the shared libzokio (libzokio.so): the hook finds
  * the runtime's own calls by their address inside libzokio.so and lets them
- * through untouched.
+ * through untouched (hooked, the scheduler would park inside its own
+ * wake-up path).  A program that links libzokio statically (libzokio.a)
+ * carries its own copy of the runtime, whose code is mixed with the
+ * program's and cannot be told apart from it, so the hook does not work
+ * with it.  What happens then:
+ *   - linked in explicitly (-lzokio_hook next to libzokio.a): the hook's
+ *     calls reach the program's copy; the hook notices that this is not
+ *     libzokio.so's runtime, says so in one line on stderr at start-up and
+ *     stays off: every call is libc's (fibers block their workers as
+ *     without the hook), zk_hook_enabled() returns 0 and zk_hook_enable()
+ *     -ENOTSUP;
+ *   - LD_PRELOADed: the program's copy is not in its dynamic symbol table,
+ *     so the hook cannot even see it; it finds no running fiber and every
+ *     call is libc's, silently - exactly as without the hook.
+ * Either way nothing breaks; link libzokio shared to use the hook.
  *
  * Interposed: read, write, readv, writev, recv, recvfrom, recvmsg, send,
  * sendto, sendmsg, accept, accept4, connect, close, poll, ppoll, select,
@@ -93,11 +107,13 @@ extern "C" {
  * With hooking off, the fiber's interposed calls are libc's: they block
  * the worker thread (for code that must really block, e.g. while holding
  * an OS mutex).  Returns the previous setting (1 or 0), or -EPERM on a
- * plain thread, -ENOMEM. */
+ * plain thread, -ENOMEM, -ENOTSUP when the program links libzokio
+ * statically (see above). */
 ZK_API int zk_hook_enable(int on);
 
 /* 1 if the calling fiber's libc calls are hooked now, else 0 (hooking
- * off, a plain thread, or the hook disabled by ZOKIO_HOOK=0). */
+ * off, a plain thread, the hook disabled by ZOKIO_HOOK=0, or a program
+ * with libzokio linked statically). */
 ZK_API int zk_hook_enabled(void);
 
 #ifdef __cplusplus

@@ -12,7 +12,9 @@
  * system call (connect), so the application's own O_NONBLOCK, FIONBIO and
  * SO_RCVTIMEO/SO_SNDTIMEO settings are read back from the kernel when they
  * matter - on the slow path, after EAGAIN, when the fiber is about to park
- * anyway - and need no tracking.  Sockets are driven with MSG_DONTWAIT.
+ * anyway - and need no tracking.  The real call is never allowed to block:
+ * sockets are driven with MSG_DONTWAIT, pipes and other pollable fds with
+ * RWF_NOWAIT, and accept through io_uring (see accept_nowait).
  *
  * errno and migration: a fiber that parked may resume on another worker
  * thread, and __errno_location() is a const function whose result a
@@ -216,6 +218,7 @@ static int set_key_ok;
 static _Atomic int resolve_state;       /* 0 not yet, 1 in progress, 2 done */
 static __thread int resolving;          /* this thread is inside resolve() */
 static int hook_on;                     /* ZOKIO_HOOK != 0 and resolved */
+static int static_runtime;              /* off: the program has its own runtime */
 static uintptr_t core_lo, core_hi;      /* libzokio.so's code */
 static zk_key_t off_key;                /* non-NULL value: hooking off in this fiber */
 static int key_ok;
@@ -264,25 +267,44 @@ static int seg_cb(struct dl_phdr_info *info, size_t size, void *data)
 	return 1;
 }
 
+/* Is sym (a definition dlsym found) only the executable's canonical PLT
+ * entry for a function defined elsewhere?  (A non-PIE program that takes
+ * a function's address has one; it is not a second copy.) */
+static int is_plt_stub(void *sym)
+{
+	Dl_info info;
+	const ElfW(Sym) *es = NULL;
+	return dladdr1(sym, &info, (void **)&es, RTLD_DL_SYMENT) && es && es->st_shndx == SHN_UNDEF;
+}
+
 /* Where libzokio's own code lives.  dlsym on libzokio's own handle gives
  * the real address of one of its functions, not a canonical PLT entry of
- * the executable. */
-static void find_core(void)
+ * the executable.
+ *
+ * Returns 0, or -1 when the runtime the hook's zk_ calls reach is not
+ * libzokio.so's: the program carries its own copy (libzokio.a linked in,
+ * or the runtime built into the same object as the hook).  Such a copy's
+ * calls cannot be told apart from the program's by address - its code is
+ * mixed with the program's, and nothing in the dynamic symbol table says
+ * where it starts or ends - and hooking the runtime's own calls would park
+ * the scheduler inside its own wake-up path.  See zokio_hook.h. */
+static int find_core(void)
 {
 	void *h = dlopen(ZK_CORE_SONAME, RTLD_LAZY | RTLD_NOLOAD);
 	void *p = h ? dlsym(h, "zk_yield") : NULL;
+	void *bound = dlsym(RTLD_DEFAULT, "zk_yield"); /* what the hook's calls reach */
+	int own_copy = !p || (bound && bound != p && !is_plt_stub(bound));
 	if (!p)
 		p = (void *)zk_yield;
 	struct find_seg f = { (uintptr_t)p, (uintptr_t)find_core, 0, 0, 0 };
 	dl_iterate_phdr(seg_cb, &f);
 	if (h)
 		dlclose(h);
-	/* The runtime linked into the same object as the hook (static
-	 * archives): its calls cannot be told apart by address. */
-	if (f.has_self || f.lo >= f.hi)
-		return;
+	if (own_copy || f.has_self || f.lo >= f.hi)
+		return -1;
 	core_lo = f.lo;
 	core_hi = f.hi;
+	return 0;
 }
 
 static void resolve(void)
@@ -324,12 +346,22 @@ static void resolve(void)
 	FIND("__pread_chk", pread_chk);
 	FIND("__poll_chk", poll_chk);
 	FIND("__ppoll_chk", ppoll_chk);
-	find_core();
+	int shared = find_core() == 0;
 	ring_key_init();
 	key_ok = zk_key_create(&off_key, NULL) == 0;
 	set_key_ok = zk_key_create(&set_key, set_free) == 0;
 	const char *e = getenv("ZOKIO_HOOK");
 	hook_on = !(e && e[0] == '0' && e[1] == 0);
+	if (hook_on && !shared) {
+		static const char msg[] =
+			"libzokio_hook: this program carries its own copy of the Zokio runtime "
+			"(libzokio linked statically); the hook cannot tell that copy's own libc "
+			"calls from the program's, so it stays off: every call is libc's. Link "
+			"libzokio shared (-lzokio) to use libzokio_hook.\n";
+		raw_write(2, msg, sizeof(msg) - 1);
+		hook_on = 0;
+		static_runtime = 1;
+	}
 	resolving = 0;
 	atomic_store(&resolve_state, 2);
 }
@@ -362,8 +394,8 @@ static int hooked(void *ra)
 
 /* FD_POLL: a pipe, FIFO, eventfd, terminal... that takes RWF_NOWAIT
  * (most do); FD_POLL_WAIT: one that refused it (EOPNOTSUPP), which is
- * waited for with poll before the real call.  FD_HOOK_SET marks the hook's own
- * epoll sets (see wait_any). */
+ * waited for with poll before the real call.  FD_HOOK_SET marks the
+ * hook's own epoll sets (see wait_any). */
 enum { FD_UNKNOWN, FD_SOCK, FD_POLL, FD_FILE, FD_POLL_WAIT, FD_HOOK_SET };
 
 /* Sockets and other pollable fds are remembered by number until close();
@@ -1592,6 +1624,8 @@ int zk_hook_enable(int on)
 {
 	if (atomic_load(&resolve_state) != 2)
 		resolve();
+	if (static_runtime)
+		return -ENOTSUP;
 	if (!zk_self())
 		return -EPERM;
 	if (!key_ok)

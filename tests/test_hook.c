@@ -1726,6 +1726,17 @@ START_TEST(test_preloaded_into_system_programs_changes_nothing)
 	} else {
 		fprintf(stderr, "test_hook: no curl binary: its preload check skipped\n");
 	}
+	/* A Zokio program with the runtime linked in statically: the hook
+	 * cannot see that runtime, so it changes nothing - silently. */
+	char *pipeline[] = { ZK_BUILD_LIBDIR "/../examples/pipeline", "2000", "2", NULL };
+	if (access(pipeline[0], X_OK) == 0) {
+		static struct outcome o;
+		run_prog(pipeline, 1, &o);
+		ck_assert_msg(WIFEXITED(o.status) && WEXITSTATUS(o.status) == 0, "pipeline: status %#x",
+			      o.status);
+		ck_assert_msg(strncmp(o.out, "sink: 1000 items", 16) == 0 && !strstr(o.out, "libzokio_hook"),
+			      "pipeline with the hook preloaded:\n%s", o.out);
+	}
 }
 END_TEST
 
