@@ -56,20 +56,47 @@
  *         blocking one the fiber parks until the connection is made or
  *         refused (the socket is non-blocking only during the connect call
  *         itself, restored before the fiber parks);
- *       - accept parks until the listener is readable, then accepts.  If
- *         another thread takes the connection first, this accept blocks
- *         its worker until the next one arrives (share a listener between
- *         fibers, not with plain threads, or make it non-blocking).
- *   - Pipes, FIFOs, terminals, eventfds and other pollable fds that are
- *     blocking: the fiber parks until the fd is ready, then the call is
- *     made.  A write to a pipe larger than its free space may still block
- *     the worker for the rest.
+ *       - accept on a blocking listener takes a queued connection at once,
+ *         else parks until the listener is readable and tries again.  The
+ *         attempt never blocks (io_uring's accept, tried without waiting,
+ *         on a private ring per worker thread), so a listener may be shared
+ *         with plain threads and other processes: when one of them takes
+ *         the connection first, the fiber just waits on.  Where io_uring is
+ *         refused (seccomp, kernel.io_uring_disabled, a build without
+ *         liburing) accept is libc's once the listener was seen readable,
+ *         and can then lose that race and block its worker until the next
+ *         connection;
+ *   - Pipes, FIFOs, eventfds and other pollable fds that are blocking: the
+ *     call is made with RWF_NOWAIT (preadv2/pwritev2 at the file position;
+ *     the fd's flags are not touched) and the fiber parks until the fd is
+ *     ready when it would wait.  A read returns what is there; a blocking
+ *     write moves every byte - what fits, then the rest as room appears -
+ *     or stops at an error with the count moved so far; a write of up to
+ *     PIPE_BUF bytes goes in whole or not at all, so it stays atomic.  An
+ *     fd that refuses RWF_NOWAIT (older kernels, some terminals and
+ *     devices) is waited for with poll and then given to libc's call,
+ *     which can still block when the room is smaller than the write.
  *   - Regular files, directories and block devices: read/write are libc's;
  *     pread, pwrite and fsync run as zk_pread / zk_pwrite / zk_fsync
  *     (io_uring, or the blocking pool under epoll).
  *   - poll, ppoll, select: tried at once; if nothing is ready and the
  *     timeout is not 0, the fiber parks until an fd is ready or the
- *     timeout passes.  ppoll with a signal mask is libc's (it blocks).
+ *     timeout passes.  Several fds are waited for through an epoll set
+ *     that each fiber keeps for its next call (so polling the same fds
+ *     again costs no set-up): one extra fd per fiber that has polled
+ *     several fds, closed when the fiber ends.
+ *   - ppoll with a signal mask: the mask is applied, atomically, at every
+ *     look at the fds (libc's ppoll with a zero timeout), not while the
+ *     fiber is parked - its worker runs other fibers then.  While parked,
+ *     the fiber also waits for the signals the mask lets in that the
+ *     thread blocks (a signalfd); when one becomes pending the fiber wakes
+ *     and the next look runs its handler and fails with EINTR.  So a
+ *     signal every thread blocks outside ppoll interrupts it as it would
+ *     interrupt ppoll.  Not preserved: a signal sent to one thread
+ *     (pthread_kill) interrupts the call only while the fiber is on that
+ *     thread, and a signal the mask blocks but the thread does not may be
+ *     handled on the worker while the fiber is parked (as on any other
+ *     thread that does not block it).
  *   - nanosleep, clock_nanosleep, usleep, sleep: zk_sleep_ns / zk_sleep_until
  *     (CLOCK_REALTIME absolute sleeps are converted once, at the call).
  *   - getaddrinfo runs on the blocking pool (zk_blocking).
@@ -78,7 +105,7 @@
  * EINTR: a parked call is not interrupted by a signal (the signal runs on
  * whatever thread the kernel picks; the call resumes waiting, as if
  * SA_RESTART were set - also for poll, select and the sleeps, which the
- * kernel would fail with EINTR).  Instead, a hooked call that would wait
+ * kernel would fail with EINTR), except ppoll with a signal mask (above).  Instead, a hooked call that would wait
  * fails with ECANCELED once its fiber is cancelled (zk_cancel), and with
  * ETIMEDOUT once the fiber's deadline (zk_deadline_set) has passed; the
  * sleeps then fill in the time remaining, as for EINTR.
