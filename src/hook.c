@@ -893,6 +893,20 @@ static struct io_uring *my_ring(void)
 	return r;
 }
 
+/* A ring that failed to take a submission is given up for good on this
+ * thread (accept falls back to libc's).  Tearing it down cancels whatever
+ * it still holds, so no armed accept is left behind. */
+static void ring_give_up(void)
+{
+	struct io_uring *r = tl_ring;
+	tl_ring = NULL;
+	tl_ring_refused = 1;
+	if (r) {
+		pthread_setspecific(ring_key, NULL);
+		ring_free(r);
+	}
+}
+
 /* Wait for the completion of the operation tagged tag; its result. */
 static int ring_result(struct io_uring *r, uint64_t tag, int *other)
 {
@@ -926,9 +940,10 @@ static OPAQUE int accept_nowait(int fd, struct sockaddr *addr, socklen_t *addrle
 		return -ENOSYS;
 	io_uring_prep_accept(sqe, fd, addr, addrlen, flags);
 	io_uring_sqe_set_data64(sqe, 1);
-	int rc = io_uring_submit(r);
-	if (rc != 1)
-		return rc < 0 ? rc : -EAGAIN;
+	if (io_uring_submit(r) != 1) {
+		ring_give_up();
+		return -ENOSYS;
+	}
 	struct io_uring_cqe *cqe;
 	if (io_uring_peek_cqe(r, &cqe) == 0) { /* done at once: the usual case */
 		int res = cqe->res;
@@ -940,9 +955,16 @@ static OPAQUE int accept_nowait(int fd, struct sockaddr *addr, socklen_t *addrle
 	 * then is its fd, not -ECANCELED), so none is lost.  Both completions
 	 * are reaped before the ring is used again. */
 	sqe = io_uring_get_sqe(r);
+	if (!sqe) {
+		ring_give_up();
+		return -ENOSYS;
+	}
 	io_uring_prep_cancel64(sqe, 1, 0);
 	io_uring_sqe_set_data64(sqe, 2);
-	io_uring_submit(r);
+	if (io_uring_submit(r) != 1) {
+		ring_give_up();
+		return -ENOSYS;
+	}
 	int cancel_seen = 0;
 	int res = ring_result(r, 1, &cancel_seen);
 	if (!cancel_seen) {
