@@ -12,7 +12,9 @@
  * system call (connect), so the application's own O_NONBLOCK, FIONBIO and
  * SO_RCVTIMEO/SO_SNDTIMEO settings are read back from the kernel when they
  * matter - on the slow path, after EAGAIN, when the fiber is about to park
- * anyway - and need no tracking.  Sockets are driven with MSG_DONTWAIT.
+ * anyway - and need no tracking.  The real call is never allowed to block:
+ * sockets are driven with MSG_DONTWAIT, pipes and other pollable fds with
+ * RWF_NOWAIT, and accept through io_uring (see accept_nowait).
  *
  * errno and migration: a fiber that parked may resume on another worker
  * thread, and __errno_location() is a const function whose result a
@@ -28,6 +30,7 @@
 #include "config.h"
 #include "zokio.h"
 #include "zokio_hook.h"
+#include "msghdr.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -36,6 +39,7 @@
 #include <link.h>
 #include <netdb.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -43,12 +47,16 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/select.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef HAVE_LIBURING
+#include <liburing.h>
+#endif
 
 #define HOOK_API __attribute__((visibility("default")))
 #define RA() __builtin_return_address(0)
@@ -202,9 +210,15 @@ static struct {
 	NULL, NULL, NULL, NULL, NULL, NULL,
 };
 
+static void ring_key_init(void);
+static void set_free(void *p);
+static zk_key_t set_key;
+static int set_key_ok;
+
 static _Atomic int resolve_state;       /* 0 not yet, 1 in progress, 2 done */
 static __thread int resolving;          /* this thread is inside resolve() */
 static int hook_on;                     /* ZOKIO_HOOK != 0 and resolved */
+static int static_runtime;              /* off: the program has its own runtime */
 static uintptr_t core_lo, core_hi;      /* libzokio.so's code */
 static zk_key_t off_key;                /* non-NULL value: hooking off in this fiber */
 static int key_ok;
@@ -253,25 +267,44 @@ static int seg_cb(struct dl_phdr_info *info, size_t size, void *data)
 	return 1;
 }
 
+/* Is sym (a definition dlsym found) only the executable's canonical PLT
+ * entry for a function defined elsewhere?  (A non-PIE program that takes
+ * a function's address has one; it is not a second copy.) */
+static int is_plt_stub(void *sym)
+{
+	Dl_info info;
+	const ElfW(Sym) *es = NULL;
+	return dladdr1(sym, &info, (void **)&es, RTLD_DL_SYMENT) && es && es->st_shndx == SHN_UNDEF;
+}
+
 /* Where libzokio's own code lives.  dlsym on libzokio's own handle gives
  * the real address of one of its functions, not a canonical PLT entry of
- * the executable. */
-static void find_core(void)
+ * the executable.
+ *
+ * Returns 0, or -1 when the runtime the hook's zk_ calls reach is not
+ * libzokio.so's: the program carries its own copy (libzokio.a linked in,
+ * or the runtime built into the same object as the hook).  Such a copy's
+ * calls cannot be told apart from the program's by address - its code is
+ * mixed with the program's, and nothing in the dynamic symbol table says
+ * where it starts or ends - and hooking the runtime's own calls would park
+ * the scheduler inside its own wake-up path.  See zokio_hook.h. */
+static int find_core(void)
 {
 	void *h = dlopen(ZK_CORE_SONAME, RTLD_LAZY | RTLD_NOLOAD);
 	void *p = h ? dlsym(h, "zk_yield") : NULL;
+	void *bound = dlsym(RTLD_DEFAULT, "zk_yield"); /* what the hook's calls reach */
+	int own_copy = !p || (bound && bound != p && !is_plt_stub(bound));
 	if (!p)
 		p = (void *)zk_yield;
 	struct find_seg f = { (uintptr_t)p, (uintptr_t)find_core, 0, 0, 0 };
 	dl_iterate_phdr(seg_cb, &f);
 	if (h)
 		dlclose(h);
-	/* The runtime linked into the same object as the hook (static
-	 * archives): its calls cannot be told apart by address. */
-	if (f.has_self || f.lo >= f.hi)
-		return;
+	if (own_copy || f.has_self || f.lo >= f.hi)
+		return -1;
 	core_lo = f.lo;
 	core_hi = f.hi;
+	return 0;
 }
 
 static void resolve(void)
@@ -313,10 +346,22 @@ static void resolve(void)
 	FIND("__pread_chk", pread_chk);
 	FIND("__poll_chk", poll_chk);
 	FIND("__ppoll_chk", ppoll_chk);
-	find_core();
+	int shared = find_core() == 0;
+	ring_key_init();
 	key_ok = zk_key_create(&off_key, NULL) == 0;
+	set_key_ok = zk_key_create(&set_key, set_free) == 0;
 	const char *e = getenv("ZOKIO_HOOK");
 	hook_on = !(e && e[0] == '0' && e[1] == 0);
+	if (hook_on && !shared) {
+		static const char msg[] =
+			"libzokio_hook: this program carries its own copy of the Zokio runtime "
+			"(libzokio linked statically); the hook cannot tell that copy's own libc "
+			"calls from the program's, so it stays off: every call is libc's. Link "
+			"libzokio shared (-lzokio) to use libzokio_hook.\n";
+		raw_write(2, msg, sizeof(msg) - 1);
+		hook_on = 0;
+		static_runtime = 1;
+	}
 	resolving = 0;
 	atomic_store(&resolve_state, 2);
 }
@@ -347,7 +392,11 @@ static int hooked(void *ra)
 
 /* ---- what kind of fd ------------------------------------------------------- */
 
-enum { FD_UNKNOWN, FD_SOCK, FD_POLL, FD_FILE };
+/* FD_POLL: a pipe, FIFO, eventfd, terminal... that takes RWF_NOWAIT
+ * (most do); FD_POLL_WAIT: one that refused it (EOPNOTSUPP), which is
+ * waited for with poll before the real call.  FD_HOOK_SET marks the
+ * hook's own epoll sets (see wait_any). */
+enum { FD_UNKNOWN, FD_SOCK, FD_POLL, FD_FILE, FD_POLL_WAIT, FD_HOOK_SET };
 
 /* Sockets and other pollable fds are remembered by number until close();
  * files are looked at every time, so a stale entry can only ever send a
@@ -414,7 +463,7 @@ static int64_t sock_deadline(int fd, int opt)
 	return zk_now_ns() + (int64_t)tv.tv_sec * 1000000000 + (int64_t)tv.tv_usec * 1000;
 }
 
-/* A blocking pipe, terminal, eventfd...: park until it is ready.  0 to go
+/* A blocking fd that refused RWF_NOWAIT: park until it is ready.  0 to go
  * on with the real call, or -1 with errno.  The call is made at once when
  * it cannot wait: a non-blocking fd, or one not open for that direction
  * (the read end of a pipe never becomes writable: write says EBADF). */
@@ -548,6 +597,81 @@ static ssize_t rw_real(int op, int fd, const struct iovec *iov, int cnt)
 	}
 }
 
+/* One attempt that never waits, at the file position, with the fd's own
+ * flags untouched: RWF_NOWAIT makes a pipe answer as an O_NONBLOCK one
+ * would (a write of up to PIPE_BUF bytes goes in whole or not at all). */
+static ssize_t nowait_rw(int out, int fd, const struct iovec *iov, size_t cnt)
+{
+	return out ? pwritev2(fd, iov, (int)cnt, -1, RWF_NOWAIT)
+		   : preadv2(fd, iov, (int)cnt, -1, RWF_NOWAIT);
+}
+
+/* read/write/readv/writev on a pipe, FIFO, eventfd... with the semantics
+ * of the fd's own mode, and without ever letting the real call block:
+ *   - a read returns what is there, parking first while nothing is;
+ *   - a blocking write moves every byte: what fits now, then the fiber
+ *     parks until the fd is writable and goes on with the rest (writes of
+ *     up to PIPE_BUF bytes stay atomic); stopped by an error it returns
+ *     the count moved so far, as the kernel does;
+ *   - on an fd the application made O_NONBLOCK, the first answer stands.
+ * Returns -2 (errno untouched) when the fd refuses RWF_NOWAIT before
+ * anything moved: the caller then waits for readiness the old way. */
+static ssize_t pipe_io(int out, int fd, const struct iovec *iov, int cnt)
+{
+	struct iovec small[8], *copy = NULL, *w = (struct iovec *)iov;
+	size_t wn = (size_t)cnt, want = iov_total(iov, (size_t)cnt), done = 0;
+	int nb = -1; /* the application's O_NONBLOCK, asked once, when it matters */
+	ssize_t res;
+	for (;;) {
+		ssize_t r = nowait_rw(out, fd, w, wn);
+		if (r >= 0) {
+			done += (size_t)r;
+			if (!out || done >= want) {
+				res = (ssize_t)done;
+				break;
+			}
+		} else {
+			int e = get_errno();
+			if (e == EINTR)
+				continue;
+			if ((e == EOPNOTSUPP || e == ENOSYS) && done == 0) {
+				res = -2;
+				break;
+			}
+			if (e != EAGAIN) {
+				res = done ? (ssize_t)done : fail(e);
+				break;
+			}
+		}
+		if (nb < 0)
+			nb = fd_nonblocking(fd);
+		if (nb) {
+			res = done ? (ssize_t)done : fail(EAGAIN);
+			break;
+		}
+		if (r > 0) { /* a partial write: the rest, from a private iovec copy */
+			if (!copy) {
+				copy = wn <= 8 ? small : malloc(wn * sizeof(*copy));
+				if (!copy) {
+					res = (ssize_t)done;
+					break;
+				}
+				memcpy(copy, w, wn * sizeof(*copy));
+				w = copy;
+			}
+			iov_advance(&w, &wn, (size_t)r);
+		}
+		int rc = park_fd(fd, out ? POLLOUT : POLLIN, -1);
+		if (rc) {
+			res = done ? (ssize_t)done : fail(-rc);
+			break;
+		}
+	}
+	if (copy && copy != small)
+		free(copy);
+	return res;
+}
+
 static ssize_t rw_hooked(int op, int fd, const struct iovec *iov, int cnt)
 {
 	int out = op == RW_WRITE || op == RW_WRITEV;
@@ -567,7 +691,15 @@ static ssize_t rw_hooked(int op, int fd, const struct iovec *iov, int cnt)
 			}
 			return r;
 		}
-		case FD_POLL:
+		case FD_POLL: {
+			ssize_t r = pipe_io(out, fd, iov, cnt);
+			if (r != -2)
+				return r;
+			if (fd >= 0 && fd < KINDS_MAX)
+				atomic_store_explicit(&kinds[fd], FD_POLL_WAIT, memory_order_relaxed);
+		}
+			/* fall through */
+		case FD_POLL_WAIT:
 			if (other_wait(fd, out ? POLLOUT : POLLIN) < 0)
 				return -1;
 			return rw_real(op, fd, iov, cnt);
@@ -627,15 +759,9 @@ static ssize_t recvfrom_hooked(int fd, void *buf, size_t n, int flags, struct so
 {
 	if (fd_kind(fd) != FD_SOCK)
 		return real.recvfrom(fd, buf, n, flags, addr, addrlen); /* ENOTSOCK, EBADF */
-	struct iovec v = { buf, n };
+	struct iovec v;
 	struct msghdr m;
-	memset(&m, 0, sizeof(m));
-	m.msg_iov = &v;
-	m.msg_iovlen = 1;
-	if (addr && addrlen) {
-		m.msg_name = addr;
-		m.msg_namelen = *addrlen;
-	}
+	zk__msghdr_one(&m, &v, buf, n, addrlen ? addr : NULL, addrlen ? *addrlen : 0);
 	ssize_t r = sock_io(fd, &m, flags, 0);
 	if (r >= 0 && addr && addrlen)
 		*addrlen = m.msg_namelen;
@@ -694,13 +820,9 @@ static ssize_t sendto_hooked(int fd, const void *buf, size_t n, int flags,
 {
 	if (fd_kind(fd) != FD_SOCK)
 		return real.sendto(fd, buf, n, flags, addr, addrlen);
-	struct iovec v = { (void *)buf, n };
+	struct iovec v;
 	struct msghdr m;
-	memset(&m, 0, sizeof(m));
-	m.msg_iov = &v;
-	m.msg_iovlen = 1;
-	m.msg_name = (void *)addr;
-	m.msg_namelen = addr ? addrlen : 0;
+	zk__msghdr_one(&m, &v, (void *)buf, n, (void *)addr, addrlen);
 	return sock_io(fd, &m, flags, 1);
 }
 
@@ -728,21 +850,166 @@ HOOK_API ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 
 /* ---- accept, connect, close ------------------------------------------------- */
 
-/* Wait until the listener has a connection queued, then accept it.  (With
- * a listener shared with other threads the accept can still lose the race
- * and block; see zokio_hook.h.) */
+/* accept4 has no per-call "don't wait" flag (SOCK_NONBLOCK is for the new
+ * socket; the listener's O_NONBLOCK is shared with every thread and
+ * process that holds it, so it cannot be flipped for one call without
+ * making another thread's blocking accept fail with EAGAIN).  io_uring's
+ * accept can be made not to wait: it is tried at once, without blocking,
+ * and when nothing is queued it only arms an internal poll, which is then
+ * cancelled.  Each worker thread gets a private two-entry ring for this,
+ * used only between submit and completion inside one call (never across a
+ * park), and closed when the thread exits. */
+#ifdef HAVE_LIBURING
+static pthread_key_t ring_key;
+static int ring_key_ok;
+static __thread struct io_uring *tl_ring;
+static __thread int tl_ring_refused;
+
+static void ring_free(void *p)
+{
+	io_uring_queue_exit(p);
+	free(p);
+}
+
+static void ring_key_init(void)
+{
+	ring_key_ok = pthread_key_create(&ring_key, ring_free) == 0;
+}
+
+/* This thread's ring; NULL where io_uring is refused (seccomp, disabled,
+ * RLIMIT_MEMLOCK) or no key could hold it. */
+static struct io_uring *my_ring(void)
+{
+	if (tl_ring || tl_ring_refused)
+		return tl_ring;
+	struct io_uring *r = ring_key_ok ? malloc(sizeof(*r)) : NULL;
+	if (!r || io_uring_queue_init(2, r, 0) < 0) {
+		free(r);
+		tl_ring_refused = 1;
+		return NULL;
+	}
+	pthread_setspecific(ring_key, r);
+	tl_ring = r;
+	return r;
+}
+
+/* A ring that failed to take a submission is given up for good on this
+ * thread (accept falls back to libc's).  Tearing it down cancels whatever
+ * it still holds, so no armed accept is left behind. */
+static void ring_give_up(void)
+{
+	struct io_uring *r = tl_ring;
+	tl_ring = NULL;
+	tl_ring_refused = 1;
+	if (r) {
+		pthread_setspecific(ring_key, NULL);
+		ring_free(r);
+	}
+}
+
+/* Wait for the completion of the operation tagged tag; its result. */
+static int ring_result(struct io_uring *r, uint64_t tag, int *other)
+{
+	for (;;) {
+		struct io_uring_cqe *cqe;
+		int rc = io_uring_wait_cqe(r, &cqe);
+		if (rc == -EINTR)
+			continue;
+		if (rc < 0)
+			return rc;
+		uint64_t t = cqe->user_data;
+		int res = cqe->res;
+		io_uring_cqe_seen(r, cqe);
+		if (t == tag)
+			return res;
+		*other = 1;
+	}
+}
+
+/* One accept4 that never waits.  The new fd, -EAGAIN when nothing is
+ * queued, another negative errno, or -ENOSYS without a ring.  OPAQUE: the
+ * thread-local ring is looked up anew on every call, never kept across
+ * the caller's parks (the fiber may resume on another thread). */
+static OPAQUE int accept_nowait(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+	struct io_uring *r = my_ring();
+	if (!r)
+		return -ENOSYS;
+	struct io_uring_sqe *sqe = io_uring_get_sqe(r);
+	if (!sqe)
+		return -ENOSYS;
+	io_uring_prep_accept(sqe, fd, addr, addrlen, flags);
+	io_uring_sqe_set_data64(sqe, 1);
+	if (io_uring_submit(r) != 1) {
+		ring_give_up();
+		return -ENOSYS;
+	}
+	struct io_uring_cqe *cqe;
+	if (io_uring_peek_cqe(r, &cqe) == 0) { /* done at once: the usual case */
+		int res = cqe->res;
+		io_uring_cqe_seen(r, cqe);
+		return res;
+	}
+	/* Nothing queued: the accept waits on an internal poll.  Cancel it;
+	 * a connection that arrived meanwhile is still accepted (the result
+	 * then is its fd, not -ECANCELED), so none is lost.  Both completions
+	 * are reaped before the ring is used again. */
+	sqe = io_uring_get_sqe(r);
+	if (!sqe) {
+		ring_give_up();
+		return -ENOSYS;
+	}
+	io_uring_prep_cancel64(sqe, 1, 0);
+	io_uring_sqe_set_data64(sqe, 2);
+	if (io_uring_submit(r) != 1) {
+		ring_give_up();
+		return -ENOSYS;
+	}
+	int cancel_seen = 0;
+	int res = ring_result(r, 1, &cancel_seen);
+	if (!cancel_seen) {
+		int dummy = 0;
+		ring_result(r, 2, &dummy);
+	}
+	return res == -ECANCELED || res == -EINTR ? -EAGAIN : res;
+}
+#else
+static void ring_key_init(void)
+{
+}
+
+static int accept_nowait(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+	return -ENOSYS;
+}
+#endif
+
+/* A blocking listener: accept what is queued, else park until the
+ * listener is readable and try again.  Another thread that takes the
+ * connection first only sends the fiber back to wait.  Without io_uring
+ * the accept is libc's once the listener was seen readable, and can then
+ * lose that race and block (see zokio_hook.h). */
 static int accept_hooked(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
 {
-	if (fd_kind(fd) != FD_SOCK)
+	if (fd_kind(fd) != FD_SOCK || (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)))
 		return real.accept4(fd, addr, addrlen, flags);
 	int64_t deadline = NOT_YET;
 	for (;;) {
-		struct pollfd p = { .fd = fd, .events = POLLIN };
-		if (real.poll(&p, 1, 0) != 0)
-			return real.accept4(fd, addr, addrlen, flags);
+		int r = accept_nowait(fd, addr, addrlen, flags);
+		if (r >= 0)
+			return r;
+		if (r == -ENOSYS) {
+			struct pollfd p = { .fd = fd, .events = POLLIN };
+			if (real.poll(&p, 1, 0) != 0)
+				return real.accept4(fd, addr, addrlen, flags);
+		} else if (r == -EINTR) {
+			continue;
+		} else if (r != -EAGAIN) {
+			return (int)fail(-r);
+		}
 		if (deadline == NOT_YET) {
 			if (fd_nonblocking(fd))
-				return real.accept4(fd, addr, addrlen, flags);
+				return r == -ENOSYS ? real.accept4(fd, addr, addrlen, flags) : (int)fail(EAGAIN);
 			deadline = sock_deadline(fd, SO_RCVTIMEO);
 		}
 		int rc = park_fd(fd, POLLIN, deadline);
@@ -811,9 +1078,138 @@ HOOK_API int close(int fd)
 #define POLL_RD (POLLIN | POLLPRI | POLLRDNORM | POLLRDBAND | POLLRDHUP)
 #define POLL_WR (POLLOUT | POLLWRNORM | POLLWRBAND)
 
+/* Several fds, or one in both directions, are waited for through an epoll
+ * set that holds them: the set is readable as soon as one of them is
+ * ready, and that is one fd for the runtime to wait on.  Each fiber keeps
+ * its set (fiber-local; closed when the fiber ends), so a loop that polls
+ * the same fds again and again - libcurl polls its socket and its wake-up
+ * pipe for every response - pays no epoll_create1/close per call, and the
+ * runtime's backend sees the same fd each time.
+ *
+ * The set is brought in line with each call's fds with EPOLL_CTL_MOD (ADD
+ * when the fd's current file is not in the set), never trusted blindly: a
+ * number closed behind the hook's back (fclose, close_range, an io_uring
+ * close) and reused for another file must not leave the new file
+ * unwatched.  fds of the previous call not in this one are deleted.  The
+ * opposite case - a registration of a file that has since lost its number
+ * but is still open elsewhere - can only make the set look ready when
+ * nothing polled is: a wake that finds nothing ready therefore has the
+ * set rebuilt from scratch before the next wait. */
+struct pollset {
+	int ep;      /* -1: none */
+	int stale;   /* rebuild before the next wait */
+	size_t n, cap;
+	int *fds;    /* what the last call registered */
+};
+
+/* Is ep (still) one of the hook's sets?  An application that closes every
+ * fd (close() loops after fork, say) may close it under us. */
+static int set_is_ours(int ep)
+{
+	return ep < 0 || ep >= KINDS_MAX ||
+	       atomic_load_explicit(&kinds[ep], memory_order_relaxed) == FD_HOOK_SET;
+}
+
+static void set_drop(struct pollset *s)
+{
+	if (s->ep >= 0 && set_is_ours(s->ep)) {
+		fd_forget(s->ep);
+		real.close(s->ep);
+	}
+	s->ep = -1;
+	s->n = 0;
+	s->stale = 0;
+}
+
+static void set_free(void *p)
+{
+	struct pollset *s = p;
+	set_drop(s);
+	free(s->fds);
+	free(s);
+}
+
+/* The calling fiber's set (NULL: none could be made; the caller then uses
+ * a set of its own for the one call). */
+static struct pollset *my_set(void)
+{
+	if (!set_key_ok)
+		return NULL;
+	struct pollset *s = zk_key_get(set_key);
+	if (s)
+		return s;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return NULL;
+	s->ep = -1;
+	if (zk_key_set(set_key, s) != 0) {
+		free(s);
+		return NULL;
+	}
+	return s;
+}
+
+static int fd_in(const struct pollfd *fds, nfds_t n, int fd)
+{
+	for (nfds_t i = 0; i < n; i++)
+		if (fds[i].fd == fd)
+			return 1;
+	return 0;
+}
+
+/* Make s hold exactly the interests of fds (fd < 0 ignored, duplicates
+ * merged).  0 or a negative errno. */
+static int set_sync(struct pollset *s, const struct pollfd *fds, nfds_t n)
+{
+	if (s->stale || (s->ep >= 0 && !set_is_ours(s->ep)))
+		set_drop(s);
+	if (s->ep < 0) {
+		s->ep = epoll_create1(EPOLL_CLOEXEC);
+		if (s->ep < 0)
+			return -get_errno();
+		if (s->ep < KINDS_MAX)
+			atomic_store_explicit(&kinds[s->ep], FD_HOOK_SET, memory_order_relaxed);
+		s->n = 0;
+	}
+	for (size_t i = 0; i < s->n; i++) /* the last call's fds this one lacks */
+		if (!fd_in(fds, n, s->fds[i]))
+			epoll_ctl(s->ep, EPOLL_CTL_DEL, s->fds[i], NULL); /* gone already: fine */
+	if (n > s->cap) {
+		int *p = realloc(s->fds, n * sizeof(*p));
+		if (!p)
+			return -ENOMEM;
+		s->fds = p;
+		s->cap = n;
+	}
+	s->n = 0;
+	for (nfds_t i = 0; i < n; i++) {
+		int fd = fds[i].fd;
+		if (fd < 0 || fd_in(fds, i, fd))
+			continue;
+		uint32_t want = 0;
+		for (nfds_t j = i; j < n; j++)
+			if (fds[j].fd == fd)
+				want |= (uint16_t)fds[j].events;
+		struct epoll_event e = { .events = want & (POLL_RD | POLL_WR), .data.fd = fd };
+		int rc = epoll_ctl(s->ep, EPOLL_CTL_MOD, fd, &e);
+		if (rc < 0 && get_errno() == ENOENT)
+			rc = epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &e);
+		/* EPERM: a file epoll refuses is always ready for what poll can
+		 * report on it; since it was not, it never will be. */
+		if (rc < 0 && get_errno() != EPERM) {
+			rc = -get_errno();
+			set_drop(s); /* the set no longer matches its list */
+			return rc;
+		}
+		s->fds[s->n++] = fd;
+	}
+	return 0;
+}
+
 /* Park until one of fds may be ready (nothing was when this is called) or
- * deadline passes.  0 (look again), OWN_TIMEOUT, -ETIMEDOUT, -ECANCELED. */
-static int wait_any(const struct pollfd *fds, nfds_t n, int64_t deadline)
+ * deadline passes.  empty_wake: the previous wait of this call woke, yet
+ * nothing was ready.  0 (look again), OWN_TIMEOUT, -ETIMEDOUT, -ECANCELED. */
+static int wait_any(const struct pollfd *fds, nfds_t n, int64_t deadline, int empty_wake)
 {
 	nfds_t used = 0, at = 0;
 	for (nfds_t i = 0; i < n; i++)
@@ -828,34 +1224,18 @@ static int wait_any(const struct pollfd *fds, nfds_t n, int64_t deadline)
 	short ev = fds[at].events;
 	if (used == 1 && ev && (!(ev & ~POLL_RD) || !(ev & ~POLL_WR)) && !(ev & POLLPRI))
 		return park_fd(fds[at].fd, (ev & POLL_RD) ? POLLIN : POLLOUT, deadline);
-	/* Several fds, or both directions: an epoll set of them is readable
-	 * as soon as one of them is ready, and that is one fd to wait for. */
-	int ep = epoll_create1(EPOLL_CLOEXEC);
-	if (ep < 0)
-		return -get_errno();
-	for (nfds_t i = 0; i < n; i++) {
-		int fd = fds[i].fd, dup = 0;
-		if (fd < 0)
-			continue;
-		for (nfds_t j = 0; j < i && !dup; j++)
-			dup = fds[j].fd == fd;
-		if (dup)
-			continue;
-		uint32_t want = 0;
-		for (nfds_t j = i; j < n; j++)
-			if (fds[j].fd == fd)
-				want |= (uint16_t)fds[j].events;
-		struct epoll_event e = { .events = want & (POLL_RD | POLL_WR), .data.fd = fd };
-		/* EPERM: a file epoll refuses is always ready for what poll can
-		 * report on it; since it was not, it never will be. */
-		if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0 && get_errno() != EPERM) {
-			int rc = -get_errno();
-			real.close(ep);
-			return rc;
-		}
+	struct pollset own = { .ep = -1 }, *s = my_set();
+	if (!s)
+		s = &own;
+	if (empty_wake)
+		s->stale = 1;
+	int rc = set_sync(s, fds, n);
+	if (rc == 0)
+		rc = park_fd(s->ep, POLLIN, deadline);
+	if (s == &own) {
+		set_drop(&own);
+		free(own.fds);
 	}
-	int rc = park_fd(ep, POLLIN, deadline);
-	real.close(ep);
 	return rc;
 }
 
@@ -874,11 +1254,11 @@ static int64_t ts_deadline(const struct timespec *ts)
 /* poll() in a fiber, with an absolute deadline (< 0: none). */
 static int poll_hooked(struct pollfd *fds, nfds_t n, int64_t deadline)
 {
-	for (;;) {
+	for (int woke = 0;; woke = 1) {
 		int r = real.poll(fds, n, 0);
 		if (r != 0)
 			return r;
-		int rc = wait_any(fds, n, deadline);
+		int rc = wait_any(fds, n, deadline, woke);
 		if (rc == OWN_TIMEOUT)
 			return 0;
 		if (rc < 0)
@@ -910,26 +1290,104 @@ static int ppoll_bad_timeout(const struct timespec *t)
 	return t && (t->tv_sec < 0 || t->tv_nsec < 0 || t->tv_nsec >= 1000000000);
 }
 
+/* ppoll with a signal mask, in a fiber.  What ppoll promises is that the
+ * signals its mask lets in - usually ones the thread otherwise blocks, so
+ * that a handler cannot run between checking a flag and waiting - are
+ * delivered only during the wait, and make it fail with EINTR.  The mask
+ * cannot stay applied to the worker while the fiber is parked (the worker
+ * runs other fibers meanwhile), so:
+ *   - every look at the fds is libc's ppoll with a zero timeout and the
+ *     caller's mask, which applies the mask atomically for that instant:
+ *     a signal the mask lets in that is pending then is handled right
+ *     there, on this thread, and the call fails with EINTR;
+ *   - while parked, the fiber also waits on a signalfd of the signals the
+ *     mask lets in that the thread's own mask blocks: one becoming pending
+ *     wakes the fiber, and the next look handles it (EINTR).
+ * So a process-directed signal that every thread blocks outside ppoll
+ * interrupts the call exactly as it would interrupt ppoll.  Not preserved:
+ * a signal sent to one thread (pthread_kill, tgkill) interrupts the call
+ * only while the fiber is on that thread; and signals the mask blocks but
+ * the thread's mask does not may be handled on the worker while the fiber
+ * is parked (as on any other thread of the process that does not block
+ * them), where ppoll would have held them until it returned. */
+static int ppoll_masked(struct pollfd *fds, nfds_t n, int64_t deadline, const sigset_t *mask)
+{
+	sigset_t cur, let_in;
+	int sfd = -1;
+	sigemptyset(&let_in);
+	if (pthread_sigmask(SIG_SETMASK, NULL, &cur) == 0) {
+		for (int sig = 1; sig < NSIG; sig++)
+			if (sigismember(&cur, sig) == 1 && sigismember(mask, sig) == 0)
+				sigaddset(&let_in, sig);
+		if (!sigisemptyset(&let_in))
+			sfd = signalfd(-1, &let_in, SFD_NONBLOCK | SFD_CLOEXEC);
+	}
+	struct pollfd *all = fds;
+	nfds_t total = n;
+	if (sfd >= 0) {
+		all = malloc((n + 1) * sizeof(*all));
+		if (!all) {
+			real.close(sfd);
+			return (int)fail(ENOMEM);
+		}
+		if (n)
+			memcpy(all, fds, n * sizeof(*all));
+		all[n] = (struct pollfd){ .fd = sfd, .events = POLLIN };
+		total = n + 1;
+	}
+	const struct timespec zero = { 0, 0 };
+	int res, e = 0;
+	for (int woke = 0;; woke = 1) {
+		res = real.ppoll(fds, n, &zero, mask);
+		if (res != 0) {
+			e = get_errno();
+			break;
+		}
+		int rc = wait_any(all, total, deadline, woke);
+		if (rc == OWN_TIMEOUT)
+			break;
+		if (rc < 0) {
+			res = -1;
+			e = -rc;
+			break;
+		}
+	}
+	if (all != fds)
+		free(all);
+	if (sfd >= 0)
+		real.close(sfd);
+	if (res < 0)
+		set_errno(e);
+	return res;
+}
+
+/* A ppoll that is libc's to make: nothing to park for (or EINVAL). */
+static int ppoll_passes(const struct timespec *t)
+{
+	return ppoll_bad_timeout(t) || (t && t->tv_sec == 0 && t->tv_nsec == 0);
+}
+
 HOOK_API int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *t, const sigset_t *mask)
 {
-	/* With a signal mask the call is libc's: a mask cannot be applied to
-	 * a worker that goes on running other fibers. */
-	if (!hooked(RA()) || mask || ppoll_bad_timeout(t) || (t && t->tv_sec == 0 && t->tv_nsec == 0))
+	if (!hooked(RA()) || ppoll_passes(t))
 		return real.ppoll(fds, n, t, mask);
+	if (mask)
+		return ppoll_masked(fds, n, ts_deadline(t), mask);
 	return poll_hooked(fds, n, ts_deadline(t));
 }
 
 HOOK_API int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *t,
 			 const sigset_t *mask, size_t fdslen)
 {
-	if (!hooked(RA()) || mask || ppoll_bad_timeout(t) || (t && t->tv_sec == 0 && t->tv_nsec == 0) ||
-	    fdslen / sizeof(*fds) < n) {
+	if (!hooked(RA()) || ppoll_passes(t) || fdslen / sizeof(*fds) < n) {
 		if (real.ppoll_chk)
 			return real.ppoll_chk(fds, n, t, mask, fdslen);
 		if (fdslen / sizeof(*fds) < n)
 			abort();
 		return real.ppoll(fds, n, t, mask);
 	}
+	if (mask)
+		return ppoll_masked(fds, n, ts_deadline(t), mask);
 	return poll_hooked(fds, n, ts_deadline(t));
 }
 
@@ -943,7 +1401,7 @@ HOOK_API int select(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, struct timeval
 	int64_t deadline = tv ? zk_now_ns() + (int64_t)tv->tv_sec * 1000000000 + tv->tv_usec * 1000 : -1;
 	struct pollfd *p = NULL;
 	nfds_t n = 0;
-	int res;
+	int res, woke = 0;
 	for (;;) {
 		fd_set r2, w2, e2;
 		if (rd)
@@ -983,7 +1441,8 @@ HOOK_API int select(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, struct timeval
 				}
 			}
 		}
-		int rc = wait_any(p, n, deadline);
+		int rc = wait_any(p, n, deadline, woke);
+		woke = 1;
 		if (rc == OWN_TIMEOUT) {
 			if (rd)
 				FD_ZERO(rd);
@@ -1187,6 +1646,8 @@ int zk_hook_enable(int on)
 {
 	if (atomic_load(&resolve_state) != 2)
 		resolve();
+	if (static_runtime)
+		return -ENOTSUP;
 	if (!zk_self())
 		return -EPERM;
 	if (!key_ok)

@@ -19,6 +19,7 @@
  */
 #include "config.h"
 #include "driver.h"
+#include "msghdr.h"
 #include "scheduler.h"
 #include "sanitize.h"
 
@@ -840,15 +841,9 @@ ssize_t zk_sendmsg(int fd, const struct msghdr *msg, int flags)
 ssize_t zk_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
 		    socklen_t *addrlen)
 {
-	struct iovec iov = { buf, len };
+	struct iovec iov;
 	struct msghdr msg;
-	memset(&msg, 0, sizeof(msg));
-	msg.msg_iov = &iov;
-	msg.msg_iovlen = 1;
-	if (addr && addrlen) {
-		msg.msg_name = addr;
-		msg.msg_namelen = *addrlen;
-	}
+	zk__msghdr_one(&msg, &iov, buf, len, addrlen ? addr : NULL, addrlen ? *addrlen : 0);
 	ssize_t r = zk_recvmsg(fd, &msg, flags);
 	if (r >= 0 && addr && addrlen)
 		*addrlen = msg.msg_namelen;

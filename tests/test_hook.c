@@ -15,8 +15,10 @@
 
 #include <check.h>
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netdb.h>
 #include <poll.h>
 #include <pthread.h>
@@ -701,6 +703,209 @@ START_TEST(test_poll_select_ppoll_park_until_ready_or_timeout)
 }
 END_TEST
 
+/* Open fds of this process, from /proc/self/fd. */
+static int open_fds(void)
+{
+	int n = 0;
+	DIR *d = opendir("/proc/self/fd");
+	ck_assert_ptr_nonnull(d);
+	while (readdir(d))
+		n++;
+	closedir(d);
+	return n;
+}
+
+struct later {
+	int fd;
+	int delay_ms;
+};
+
+static void *write_byte_later(void *arg)
+{
+	struct later *l = arg;
+	usleep((useconds_t)l->delay_ms * 1000);
+	ck_assert_int_eq(write(l->fd, "x", 1), 1);
+	return NULL;
+}
+
+/* Park in poll({a, b}) until a fiber writes to which[1]; check revents. */
+static void poll_two_until(int a, int b, int *which)
+{
+	struct later l = { which[1], 20 };
+	zk_fiber_t *w;
+	ck_assert_int_eq(zk_spawn(&w, write_byte_later, &l), 0);
+	struct pollfd p[2] = { { a, POLLIN, 0 }, { b, POLLIN, 0 } };
+	ck_assert_int_eq(poll(p, 2, 5000), 1); /* 5 s: a bound, never reached */
+	ck_assert_int_eq(p[0].revents, a == which[0] ? POLLIN : 0);
+	ck_assert_int_eq(p[1].revents, b == which[0] ? POLLIN : 0);
+	char c;
+	ck_assert_int_eq(read(which[0], &c, 1), 1);
+	zk_join(w, NULL);
+}
+
+static void *poll_set_fiber(void *arg)
+{
+	int (*pf)[2] = arg; /* three pipes */
+	int base = open_fds();
+	/* The same fds again and again: one set, kept. */
+	for (int i = 0; i < 20; i++)
+		poll_two_until(pf[0][0], pf[1][0], pf[i % 2]);
+	ck_assert_int_eq(open_fds(), base + 1);
+	/* Other fds: the set follows; the one dropped no longer counts. */
+	poll_two_until(pf[0][0], pf[2][0], pf[2]);
+	ck_assert_int_eq(open_fds(), base + 1);
+
+	/* A number closed behind the hook's back (dup2 over it, not close())
+	 * and so reused for another file: the new file is watched. */
+	int old = pf[1][0];
+	int np[2];
+	ck_assert_int_eq(pipe(np), 0);
+	ck_assert_int_eq(dup2(np[0], old), old);
+	close(np[0]);
+	np[0] = old;
+	poll_two_until(pf[0][0], old, np);
+
+	/* The same, but the old file stays open elsewhere, still registered
+	 * in the set: its readiness is not the new file's. */
+	int keep = dup(old);
+	ck_assert_int_ge(keep, 0);
+	int np2[2];
+	ck_assert_int_eq(pipe(np2), 0);
+	ck_assert_int_eq(dup2(np2[0], old), old);
+	close(np2[0]);
+	np2[0] = old;
+	ck_assert_int_eq(write(np[1], "s", 1), 1); /* the old file is readable */
+	poll_two_until(pf[0][0], old, np2);        /* yet only the new one counts */
+	close(keep);
+	close(np[1]);
+	close(old);
+	close(np2[1]);
+	pf[1][0] = -1;
+	return NULL;
+}
+
+static void *poll_set_main(void *arg)
+{
+	int pf[3][2];
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(pipe(pf[i]), 0);
+	int before = open_fds();
+	zk_fiber_t *f;
+	ck_assert_int_eq(zk_spawn(&f, poll_set_fiber, pf), 0);
+	zk_join(f, NULL);
+	/* The fiber's set went with it. */
+	ck_assert_int_eq(open_fds(), before - 1); /* pf[1][0] was closed in it */
+	for (int i = 0; i < 3; i++) {
+		if (pf[i][0] >= 0)
+			close(pf[i][0]);
+		close(pf[i][1]);
+	}
+	return NULL;
+}
+
+START_TEST(test_poll_keeps_one_set_per_fiber_and_follows_fd_changes)
+{
+	run_on(_i, 1, poll_set_main, NULL);
+}
+END_TEST
+
+/* ---- ppoll with a signal mask ---------------------------------------------- */
+
+static volatile sig_atomic_t usr1_seen;
+
+static void on_usr1(int sig)
+{
+	(void)sig;
+	usr1_seen++;
+}
+
+struct kicker {
+	pthread_t thread;
+	int delay_ms;
+};
+
+static void *kick_later(void *arg)
+{
+	struct kicker *k = arg;
+	usleep((useconds_t)k->delay_ms * 1000);
+	pthread_kill(k->thread, SIGUSR1); /* pending: the thread blocks it */
+	return NULL;
+}
+
+static void *ppoll_mask_main(void *arg)
+{
+	(void)arg;
+	struct sigaction sa, old_sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_usr1; /* no SA_RESTART */
+	sigemptyset(&sa.sa_mask);
+	ck_assert_int_eq(sigaction(SIGUSR1, &sa, &old_sa), 0);
+	sigset_t usr1, orig, during;
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	ck_assert_int_eq(pthread_sigmask(SIG_BLOCK, &usr1, &orig), 0);
+	during = orig;
+	sigdelset(&during, SIGUSR1);
+	int pf[2];
+	ck_assert_int_eq(pipe(pf), 0);
+	struct pollfd p = { pf[0], POLLIN, 0 };
+	struct timespec five = { 5, 0 }, short_ts = { 0, 30 * 1000000 };
+
+	/* Already pending when ppoll starts: handled at once, EINTR. */
+	usr1_seen = 0;
+	pthread_kill(pthread_self(), SIGUSR1);
+	ck_assert_int_eq(usr1_seen, 0);
+	errno = 0;
+	ck_assert_int_eq(ppoll(&p, 1, &five, &during), -1);
+	ck_assert_int_eq(errno, EINTR);
+	ck_assert_int_eq(usr1_seen, 1);
+
+	/* Arriving while the fiber is parked: the worker runs the kicker
+	 * (a fiber on the same, only worker), then the ppoll ends with EINTR. */
+	struct ticker t;
+	ticker_start(&t);
+	struct kicker k = { pthread_self(), 30 };
+	zk_fiber_t *kf;
+	ck_assert_int_eq(zk_spawn(&kf, kick_later, &k), 0);
+	errno = 0;
+	ck_assert_int_eq(ppoll(&p, 1, &five, &during), -1);
+	ck_assert_int_eq(errno, EINTR);
+	ck_assert_int_eq(usr1_seen, 2);
+	zk_join(kf, NULL);
+	ck_assert_msg(ticker_stop(&t) >= 1, "the worker was blocked in ppoll");
+
+	/* The thread's own mask is back: SIGUSR1 blocked again. */
+	sigset_t now;
+	ck_assert_int_eq(pthread_sigmask(SIG_SETMASK, NULL, &now), 0);
+	ck_assert_int_eq(sigismember(&now, SIGUSR1), 1);
+
+	/* Data instead of a signal; and a timeout. */
+	struct later l = { pf[1], 20 };
+	zk_fiber_t *w;
+	ck_assert_int_eq(zk_spawn(&w, write_byte_later, &l), 0);
+	ck_assert_int_eq(ppoll(&p, 1, &five, &during), 1);
+	ck_assert(p.revents & POLLIN);
+	zk_join(w, NULL);
+	char c;
+	ck_assert_int_eq(read(pf[0], &c, 1), 1);
+	int64_t t0 = zk_now_ns();
+	ck_assert_int_eq(ppoll(&p, 1, &short_ts, &during), 0);
+	ck_assert_int_ge(ms_since(t0), 28);
+	ck_assert_int_eq(usr1_seen, 2);
+
+	close(pf[0]);
+	close(pf[1]);
+	pthread_sigmask(SIG_SETMASK, &orig, NULL);
+	sigaction(SIGUSR1, &old_sa, NULL);
+	return NULL;
+}
+
+START_TEST(test_ppoll_with_a_mask_parks_and_lets_its_signals_interrupt)
+{
+	run_on(_i, 1, ppoll_mask_main, NULL);
+}
+END_TEST
+
 static void *sleeper(void *arg)
 {
 	int kind = (int)(intptr_t)arg;
@@ -810,6 +1015,312 @@ static void *files_main(void *arg)
 START_TEST(test_files_and_getaddrinfo_in_a_fiber)
 {
 	run_on(_i, 1, files_main, NULL);
+}
+END_TEST
+
+/* ---- pipes: blocking writes larger than the free space ------------------- */
+
+/* Fill the pipe's write end w until only one page is free (a pipe counts
+ * pages), plus extra bytes in a last, partly used page when extra > 0.
+ * Returns the number of bytes written. */
+static size_t pipe_fill(int w, size_t extra)
+{
+	int cap = fcntl(w, F_GETPIPE_SZ);
+	ck_assert_int_ge(cap, 2 * 4096);
+	char page[4096];
+	memset(page, 'f', sizeof(page));
+	size_t n = 0;
+	for (int i = 0; i < cap / 4096 - 1; i++) { /* fits: never parks */
+		ck_assert_int_eq(write(w, page, sizeof(page)), (ssize_t)sizeof(page));
+		n += sizeof(page);
+	}
+	if (extra) {
+		ck_assert_int_eq(write(w, page, extra), (ssize_t)extra);
+		n += extra;
+	}
+	return n;
+}
+
+struct pipe_job {
+	int fd;
+	size_t n;      /* bytes per write */
+	int count;     /* writes */
+	char tag;      /* 0: a pattern by position; else every byte is tag */
+	ssize_t r;     /* the last write's result */
+};
+
+static char pattern_at(size_t i)
+{
+	return (char)(i * 13 + 1);
+}
+
+static void *pipe_writer(void *arg)
+{
+	struct pipe_job *j = arg;
+	char *p = malloc(j->n);
+	for (size_t i = 0; i < j->n; i++)
+		p[i] = j->tag ? j->tag : pattern_at(i);
+	for (int k = 0; k < j->count; k++) {
+		j->r = write(j->fd, p, j->n); /* blocking fd, not enough room: parks */
+		if (j->r != (ssize_t)j->n)
+			break;
+	}
+	free(p);
+	return NULL;
+}
+
+/* Read exactly n bytes (hooked reads: park while the pipe is empty). */
+static void read_all(int fd, char *buf, size_t n)
+{
+	size_t got = 0;
+	while (got < n) {
+		ssize_t r = read(fd, buf + got, n - got);
+		ck_assert_int_gt(r, 0);
+		got += (size_t)r;
+	}
+}
+
+struct pipe_reader_job {
+	int fd;
+	size_t n;
+	char *buf;
+};
+
+static void *pipe_reader(void *arg)
+{
+	struct pipe_reader_job *j = arg;
+	read_all(j->fd, j->buf, j->n);
+	return NULL;
+}
+
+static void *pipe_big_write_main(void *arg)
+{
+	int *pf = arg;
+	size_t filled = pipe_fill(pf[1], 0);
+	/* 1 MiB into one free page: the write must park for the rest, or the
+	 * worker - the only one - blocks and the reader below never runs. */
+	struct pipe_job wj = { pf[1], 1 << 20, 1, 0, 0 };
+	zk_fiber_t *w, *r;
+	ck_assert_int_eq(zk_spawn(&w, pipe_writer, &wj), 0);
+	zk_yield(); /* the writer moves one page and parks */
+	struct pipe_reader_job rj = { pf[0], filled + wj.n, malloc(filled + wj.n) };
+	ck_assert_int_eq(zk_spawn(&r, pipe_reader, &rj), 0);
+	zk_join(r, NULL);
+	zk_join(w, NULL);
+	ck_assert_int_eq(wj.r, (ssize_t)wj.n); /* one blocking write moved it all */
+	for (size_t i = 0; i < filled; i++)
+		ck_assert_int_eq(rj.buf[i], 'f');
+	for (size_t i = 0; i < wj.n; i++)
+		if (rj.buf[filled + i] != pattern_at(i))
+			ck_abort_msg("byte %zu differs", i);
+	free(rj.buf);
+	/* The application's flags are untouched. */
+	ck_assert_int_eq(fcntl(pf[1], F_GETFL) & O_NONBLOCK, 0);
+	return NULL;
+}
+
+START_TEST(test_blocking_pipe_write_larger_than_free_space_parks)
+{
+	int pf[2];
+	ck_assert_int_eq(pipe(pf), 0);
+	run_on(_i, 1, pipe_big_write_main, pf);
+	close(pf[0]);
+	close(pf[1]);
+}
+END_TEST
+
+/* Writers of PIPE_BUF bytes into a pipe with less room than that: each
+ * write still arrives in one piece. */
+static void *pipe_atomic_main(void *arg)
+{
+	enum { K = 8 };
+	int *pf = arg;
+	size_t filled = pipe_fill(pf[1], 100); /* the last page has 3996 bytes free */
+	struct pipe_job a = { pf[1], PIPE_BUF, K, 'a', 0 }, b = { pf[1], PIPE_BUF, K, 'b', 0 };
+	zk_fiber_t *wa, *wb, *r;
+	ck_assert_int_eq(zk_spawn(&wa, pipe_writer, &a), 0);
+	ck_assert_int_eq(zk_spawn(&wb, pipe_writer, &b), 0);
+	zk_yield();
+	size_t n = filled + 2 * K * PIPE_BUF;
+	struct pipe_reader_job rj = { pf[0], n, malloc(n) };
+	ck_assert_int_eq(zk_spawn(&r, pipe_reader, &rj), 0);
+	zk_join(r, NULL);
+	zk_join(wa, NULL);
+	zk_join(wb, NULL);
+	ck_assert_int_eq(a.r, PIPE_BUF);
+	ck_assert_int_eq(b.r, PIPE_BUF);
+	/* After the filler: runs of one letter, each a whole number of writes. */
+	size_t i = filled;
+	while (i < n) {
+		size_t run = 1;
+		while (i + run < n && rj.buf[i + run] == rj.buf[i])
+			run++;
+		ck_assert(rj.buf[i] == 'a' || rj.buf[i] == 'b');
+		ck_assert_msg(run % PIPE_BUF == 0, "a run of %zu '%c' at %zu: a write was split", run,
+			      rj.buf[i], i - filled);
+		i += run;
+	}
+	free(rj.buf);
+	return NULL;
+}
+
+START_TEST(test_blocking_pipe_writes_up_to_pipe_buf_stay_atomic)
+{
+	int pf[2];
+	ck_assert_int_eq(pipe(pf), 0);
+	run_on(_i, 1, pipe_atomic_main, pf);
+	close(pf[0]);
+	close(pf[1]);
+}
+END_TEST
+
+/* ---- accept racing a plain thread on one listener ------------------------ */
+
+/* A fiber and a plain thread both accept in a loop on one blocking
+ * listener; a connector (another plain thread) makes one connection per
+ * round.  Whoever loses a round must go back to waiting: a fiber whose
+ * accept blocked its worker instead would leave the worker unable to
+ * answer the connector's ping (an echo fiber on the same worker) until
+ * the next connection.  The ping gets 10 s: a generous bound, not a
+ * timing assumption. */
+struct race {
+	int l;
+	int ping[2];          /* connector <-> echo fiber */
+	int done[2];          /* the connector says it has finished */
+	int port, rounds;
+	atomic_int accepted, by_fiber, stop, fiber_out, thread_out;
+	int blocked;
+};
+
+static void race_took_one(struct race *r, int fd, int fiber)
+{
+	close(fd);
+	if (atomic_load(&r->stop))
+		return;
+	atomic_fetch_add(&r->accepted, 1);
+	if (fiber)
+		atomic_fetch_add(&r->by_fiber, 1);
+}
+
+/* The thread looks before it takes, with a varying pause in between, so
+ * that its accept lands at all points of the fiber's own look-then-take
+ * (where the fiber's accept would lose and, if libc's, block the worker). */
+static void *race_thread_acceptor(void *arg)
+{
+	struct race *r = arg;
+	unsigned seed = 7;
+	while (!atomic_load(&r->stop)) {
+		struct pollfd p = { r->l, POLLIN, 0 };
+		if (poll(&p, 1, 100) != 1) /* a plain thread: libc's calls */
+			continue;
+		usleep((useconds_t)(rand_r(&seed) % 40));
+		int fd = accept(r->l, NULL, NULL); /* blocks when the fiber won */
+		if (fd < 0)
+			break;
+		race_took_one(r, fd, 0);
+	}
+	atomic_store(&r->thread_out, 1);
+	return NULL;
+}
+
+static void *race_fiber_acceptor(void *arg)
+{
+	struct race *r = arg;
+	while (!atomic_load(&r->stop)) {
+		int fd = accept(r->l, NULL, NULL); /* hooked */
+		if (fd < 0)
+			break;
+		race_took_one(r, fd, 1);
+	}
+	atomic_store(&r->fiber_out, 1);
+	return NULL;
+}
+
+static void *race_echo(void *arg)
+{
+	struct race *r = arg;
+	char c;
+	while (read(r->ping[0], &c, 1) == 1 && c != 'q')
+		if (write(r->ping[0], &c, 1) != 1)
+			break;
+	return NULL;
+}
+
+static void race_connect(struct race *r)
+{
+	struct sockaddr_in sa = local_addr(r->port);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
+		close(fd);
+	else if (fd >= 0)
+		close(fd);
+}
+
+/* Plain thread: the rounds, then the connections that let both acceptors
+ * see stop. */
+static void *race_connector(void *arg)
+{
+	struct race *r = arg;
+	for (int i = 0; i < r->rounds && !r->blocked; i++) {
+		race_connect(r);
+		for (int k = 0; k < 10000 && atomic_load(&r->accepted) <= i; k++)
+			usleep(1000);
+		char c = 'p';
+		struct pollfd p = { r->ping[1], POLLIN, 0 };
+		if (write(r->ping[1], &c, 1) != 1 || poll(&p, 1, 10000) != 1 ||
+		    read(r->ping[1], &c, 1) != 1)
+			r->blocked = i + 1;
+	}
+	atomic_store(&r->stop, 1);
+	for (int k = 0; k < 100 && !(atomic_load(&r->fiber_out) && atomic_load(&r->thread_out)); k++) {
+		race_connect(r);
+		usleep(10000);
+	}
+	ssize_t w = write(r->done[1], "x", 1);
+	(void)w;
+	return NULL;
+}
+
+static void *accept_race_main(void *arg)
+{
+	struct race *r = arg;
+	zk_fiber_t *fa, *echo;
+	ck_assert_int_eq(zk_spawn(&echo, race_echo, r), 0);
+	ck_assert_int_eq(zk_spawn(&fa, race_fiber_acceptor, r), 0);
+	pthread_t ta, tc;
+	ck_assert_int_eq(pthread_create(&ta, NULL, race_thread_acceptor, r), 0);
+	ck_assert_int_eq(pthread_create(&tc, NULL, race_connector, r), 0);
+	char c;
+	ck_assert_int_eq(read(r->done[0], &c, 1), 1); /* parks until the connector ends */
+	ck_assert_int_eq(write(r->ping[1], "q", 1), 1);
+	zk_join(echo, NULL);
+	zk_join(fa, NULL);
+	pthread_join(tc, NULL); /* both threads have ended by now */
+	pthread_join(ta, NULL);
+	return (void *)1;
+}
+
+START_TEST(test_accept_racing_a_plain_thread_never_blocks_the_worker)
+{
+	struct race r;
+	memset(&r, 0, sizeof(r));
+	r.rounds = 1000;
+	r.l = listen_local(&r.port);
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, r.ping), 0);
+	ck_assert_int_eq(pipe(r.done), 0);
+	void *ran = run_on(_i, 1, accept_race_main, &r);
+	close(r.l);
+	close(r.ping[0]);
+	close(r.ping[1]);
+	close(r.done[0]);
+	close(r.done[1]);
+	if (!ran)
+		return;
+	fprintf(stderr, "test_hook: %s: accept race: %d of %d connections taken by the fiber\n",
+		backend_names[_i], atomic_load(&r.by_fiber), atomic_load(&r.accepted));
+	ck_assert_msg(!r.blocked, "round %d: the worker was blocked in accept", r.blocked);
+	ck_assert_int_eq(atomic_load(&r.fiber_out), 1);
+	ck_assert_int_eq(atomic_load(&r.thread_out), 1);
 }
 END_TEST
 
@@ -1215,6 +1726,17 @@ START_TEST(test_preloaded_into_system_programs_changes_nothing)
 	} else {
 		fprintf(stderr, "test_hook: no curl binary: its preload check skipped\n");
 	}
+	/* A Zokio program with the runtime linked in statically: the hook
+	 * cannot see that runtime, so it changes nothing - silently. */
+	char *pipeline[] = { ZK_BUILD_LIBDIR "/../examples/pipeline", "2000", "2", NULL };
+	if (access(pipeline[0], X_OK) == 0) {
+		static struct outcome o;
+		run_prog(pipeline, 1, &o);
+		ck_assert_msg(WIFEXITED(o.status) && WEXITSTATUS(o.status) == 0, "pipeline: status %#x",
+			      o.status);
+		ck_assert_msg(strncmp(o.out, "sink: 1000 items", 16) == 0 && !strstr(o.out, "libzokio_hook"),
+			      "pipeline with the hook preloaded:\n%s", o.out);
+	}
 }
 END_TEST
 
@@ -1234,9 +1756,14 @@ static Suite *hook_suite(void)
 	tcase_add_loop_test(tc, test_errno_is_right_after_resuming_on_another_worker, 0, 2);
 	tcase_add_loop_test(tc, test_cancel_and_fiber_deadline_end_a_parked_call, 0, 2);
 	tcase_add_loop_test(tc, test_poll_select_ppoll_park_until_ready_or_timeout, 0, 2);
+	tcase_add_loop_test(tc, test_poll_keeps_one_set_per_fiber_and_follows_fd_changes, 0, 2);
+	tcase_add_loop_test(tc, test_ppoll_with_a_mask_parks_and_lets_its_signals_interrupt, 0, 2);
 	tcase_add_loop_test(tc, test_sleeps_park_concurrently, 0, 2);
 	tcase_add_loop_test(tc, test_per_fiber_switch_turns_hooking_off, 0, 2);
 	tcase_add_loop_test(tc, test_files_and_getaddrinfo_in_a_fiber, 0, 2);
+	tcase_add_loop_test(tc, test_blocking_pipe_write_larger_than_free_space_parks, 0, 2);
+	tcase_add_loop_test(tc, test_blocking_pipe_writes_up_to_pipe_buf_stay_atomic, 0, 2);
+	tcase_add_loop_test(tc, test_accept_racing_a_plain_thread_never_blocks_the_worker, 0, 2);
 	suite_add_tcase(s, tc);
 	TCase *libs = tcase_create("libraries");
 	tcase_set_timeout(libs, 60);
