@@ -1343,9 +1343,11 @@ START_TEST(test_plain_threads_get_libc_unchanged)
 	int pf[2];
 	ck_assert_int_eq(pipe(pf), 0);
 	pthread_t th;
+	/* t0 before the writer starts its 30 ms sleep: taken after, a slow
+	 * (sanitized, loaded) start could make the wait look short */
+	int64_t t0 = zk_now_ns();
 	pthread_create(&th, NULL, thread_writer, &pf[1]);
 	char c;
-	int64_t t0 = zk_now_ns();
 	ck_assert_int_eq(read(pf[0], &c, 1), 1); /* blocks the thread */
 	ck_assert_int_ge(ms_since(t0), 25);
 	pthread_join(th, NULL);
