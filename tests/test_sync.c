@@ -17,6 +17,7 @@
 #include <time.h>
 
 #include "zokio.h"
+#include "watchdog.h"
 
 #define MS 1000000ll
 
@@ -251,63 +252,6 @@ START_TEST(test_mutex_barges_then_hands_off_to_a_starving_waiter_in_arrival_orde
 }
 END_TEST
 
-/* A watchdog for the tests that could hang on a lost wake-up: past
- * `limit` seconds it dumps the runtime's fibers and aborts, so a hang
- * says where it is stuck instead of just timing out. */
-struct watchdog {
-	pthread_t thread;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	int stopped, limit;
-	const char *what;
-	zk_runtime_t *rt;
-};
-
-static void *watchdog_main(void *arg)
-{
-	struct watchdog *wd = arg;
-	struct timespec dl;
-	clock_gettime(CLOCK_MONOTONIC, &dl);
-	dl.tv_sec += wd->limit;
-	int expired = 0;
-	pthread_mutex_lock(&wd->lock);
-	while (!wd->stopped && !expired)
-		expired = pthread_cond_timedwait(&wd->cond, &wd->lock, &dl) == ETIMEDOUT;
-	pthread_mutex_unlock(&wd->lock);
-	if (expired && !wd->stopped) {
-		fprintf(stderr, "watchdog: %s: still running after %d s; live fibers:\n", wd->what,
-			wd->limit);
-		zk_runtime_dump(wd->rt, 2);
-		abort();
-	}
-	return NULL;
-}
-
-static void watchdog_start(struct watchdog *wd, zk_runtime_t *rt, int limit, const char *what)
-{
-	memset(wd, 0, sizeof(*wd));
-	wd->limit = limit;
-	wd->what = what;
-	wd->rt = rt;
-	pthread_mutex_init(&wd->lock, NULL);
-	pthread_condattr_t ca;
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&wd->cond, &ca);
-	pthread_condattr_destroy(&ca);
-	ck_assert_int_eq(pthread_create(&wd->thread, NULL, watchdog_main, wd), 0);
-}
-
-static void watchdog_stop(struct watchdog *wd)
-{
-	pthread_mutex_lock(&wd->lock);
-	wd->stopped = 1;
-	pthread_cond_signal(&wd->cond);
-	pthread_mutex_unlock(&wd->lock);
-	pthread_join(wd->thread, NULL);
-	pthread_cond_destroy(&wd->cond);
-	pthread_mutex_destroy(&wd->lock);
-}
 
 /* No starvation: two greedy fibers, one per worker, re-take the mutex the
  * moment they release it and hold it across a switch - so a woken waiter
@@ -404,7 +348,7 @@ START_TEST(test_mutex_waiters_do_not_starve_behind_barging_lockers)
 	ck_assert_int_eq(zk_runtime_create(&rt, &o), 0);
 	ck_assert_int_eq(zk_spawn_ex(rt, NULL, starve_main, &st, NULL), 0);
 	struct watchdog wd;
-	watchdog_start(&wd, rt, 120, "mutex starvation");
+	watchdog_start(&wd, rt, 0, 120, "mutex starvation", NULL);
 	ck_assert_int_eq(zk_runtime_run(rt), 0);
 	watchdog_stop(&wd);
 	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
