@@ -19,7 +19,6 @@
 #include "waitq.h"
 
 #include <errno.h>
-#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -120,14 +119,15 @@ int zk_spawn(zk_fiber_t **out, zk_fiber_fn fn, void *arg)
  * delivered before the call returns - and can never hit a later park.
  * Nothing here consumes a handle: only zk_join (and zk_detach) free. */
 
-static inline void end_backoff(unsigned *spins)
+/* f's end word from w (its last value seen) on, once nobody holds its
+ * lock: the holder is a few instructions from letting go. */
+static uintptr_t end_unlocked(zk_fiber_t *f, uintptr_t w, unsigned *spins)
 {
-	/* The holder is a few instructions from letting go, unless its
-	 * thread was preempted (shared cores): then give it the CPU. */
-	if (++*spins < 64)
-		zk__spin_pause();
-	else
-		sched_yield();
+	while (w & ZK__JOIN_LOCK) {
+		zk__spin_backoff(spins);
+		w = atomic_load_explicit(&f->joiner, memory_order_acquire);
+	}
+	return w;
 }
 
 /* Take f's end list.  Returns its head (0 for an empty list) with
@@ -139,16 +139,12 @@ static uintptr_t end_lock(zk_fiber_t *f)
 	unsigned spins = 0;
 	uintptr_t w = atomic_load_explicit(&f->joiner, memory_order_acquire);
 	for (;;) {
-		if (w & ZK__JOIN_LOCK) {
-			end_backoff(&spins);
-			w = atomic_load_explicit(&f->joiner, memory_order_acquire);
-		} else if (w == ZK__JOIN_DONE || w == ZK__JOIN_DETACHED) {
+		w = end_unlocked(f, w, &spins);
+		if (w == ZK__JOIN_DONE || w == ZK__JOIN_DETACHED)
 			return w;
-		} else if (atomic_compare_exchange_weak_explicit(&f->joiner, &w, w | ZK__JOIN_LOCK,
-								 memory_order_acquire,
-								 memory_order_acquire)) {
+		if (atomic_compare_exchange_weak_explicit(&f->joiner, &w, w | ZK__JOIN_LOCK,
+							  memory_order_acquire, memory_order_acquire))
 			return w;
-		}
 	}
 }
 
@@ -165,11 +161,7 @@ void zk__fiber_end_notify_slow(zk_fiber_t *f, uintptr_t w)
 {
 	unsigned spins = 0;
 	for (;;) {
-		if (w & ZK__JOIN_LOCK) {
-			end_backoff(&spins);
-			w = atomic_load_explicit(&f->joiner, memory_order_relaxed);
-			continue;
-		}
+		w = end_unlocked(f, w, &spins);
 		/* With waiters, keep the lock while waking them: a waiter that
 		 * withdraws meanwhile waits until every wake is delivered. */
 		uintptr_t to = w == 0 || w == ZK__JOIN_DETACHED ? ZK__JOIN_DONE
@@ -209,13 +201,9 @@ static int end_register(zk_fiber_t *f, struct zk__end_node *nd)
 	unsigned spins = 0;
 	uintptr_t w = atomic_load_explicit(&f->joiner, memory_order_acquire);
 	for (;;) {
+		w = end_unlocked(f, w, &spins);
 		if (w == ZK__JOIN_DONE || w == ZK__JOIN_DETACHED)
 			return 1;
-		if (w & ZK__JOIN_LOCK) {
-			end_backoff(&spins);
-			w = atomic_load_explicit(&f->joiner, memory_order_acquire);
-			continue;
-		}
 		nd->next = (struct zk__end_node *)w;
 		if (atomic_compare_exchange_weak_explicit(&f->joiner, &w, (uintptr_t)nd,
 							  memory_order_release, memory_order_acquire))
@@ -313,7 +301,7 @@ static int join_finish(zk_fiber_t *f, void **result)
 	/* pairs with the release of the end word in zk__fiber_end_notify */
 	unsigned spins = 0;
 	while (atomic_load_explicit(&f->joiner, memory_order_acquire) != ZK__JOIN_DONE)
-		end_backoff(&spins); /* the end is still waking other waiters */
+		zk__spin_backoff(&spins); /* the end is still waking other waiters */
 	if (result)
 		*result = f->result;
 	int err = f->err;
@@ -412,11 +400,7 @@ int zk_detach(zk_fiber_t *f)
 	unsigned spins = 0;
 	uintptr_t w = atomic_load_explicit(&f->joiner, memory_order_acquire);
 	for (;;) {
-		if (w & ZK__JOIN_LOCK) {
-			end_backoff(&spins);
-			w = atomic_load_explicit(&f->joiner, memory_order_acquire);
-			continue;
-		}
+		w = end_unlocked(f, w, &spins);
 		if (w == ZK__JOIN_DETACHED)
 			return -EINVAL;
 		if (w != 0 && w != ZK__JOIN_DONE)

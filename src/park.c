@@ -17,7 +17,7 @@
  * leaves zk_park while the word is CLAIMED: the claim holder's zk__unpark
  * either ends this park or finds the fiber running and does nothing.  A
  * claim lasts a few instructions (zk__unpark does not block); waiting for
- * it spins briefly, then yields the CPU in case the holder was preempted.
+ * it is zk__spin_backoff.
  *
  * Transitions: NONE->SET (unpark), SET->NONE (park consumes), NONE->PARKED
  * (publish), PARKED->CLAIMED (unpark), CLAIMED->NONE (that unparker),
@@ -30,7 +30,6 @@
 #include "zokio.h"
 
 #include <errno.h>
-#include <sched.h>
 
 enum { PERMIT_NONE, PERMIT_SET, PERMIT_PARKED, PERMIT_CLAIMED };
 
@@ -39,12 +38,8 @@ static uint8_t settled(zk_fiber_t *f)
 {
 	unsigned spins = 0;
 	uint8_t s;
-	while ((s = atomic_load_explicit(&f->park_permit, memory_order_acquire)) == PERMIT_CLAIMED) {
-		if (++spins < 64)
-			zk__spin_pause();
-		else
-			sched_yield();
-	}
+	while ((s = atomic_load_explicit(&f->park_permit, memory_order_acquire)) == PERMIT_CLAIMED)
+		zk__spin_backoff(&spins);
 	return s;
 }
 

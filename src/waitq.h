@@ -55,19 +55,23 @@ static inline void zk__spin_pause(void)
 #endif
 }
 
+/* One step of waiting for another thread that is a few instructions from
+ * letting go: pause, or - after a short spin, when it may have been
+ * preempted (shared cores) - give it the CPU.  *spins starts at 0. */
+static inline void zk__spin_backoff(unsigned *spins)
+{
+	if (++*spins < 64)
+		zk__spin_pause();
+	else
+		sched_yield();
+}
+
 static inline void zk__spin_lock(struct zk__spin *l)
 {
 	unsigned spins = 0;
-	while (atomic_exchange_explicit(&l->v, 1, memory_order_acquire)) {
-		while (atomic_load_explicit(&l->v, memory_order_relaxed)) {
-			/* The holder may have been preempted (shared cores):
-			 * after a short spin give it the CPU. */
-			if (++spins < 64)
-				zk__spin_pause();
-			else
-				sched_yield();
-		}
-	}
+	while (atomic_exchange_explicit(&l->v, 1, memory_order_acquire))
+		while (atomic_load_explicit(&l->v, memory_order_relaxed))
+			zk__spin_backoff(&spins);
 }
 
 static inline void zk__spin_unlock(struct zk__spin *l)
