@@ -828,10 +828,16 @@ void zk__yield(zk_fiber_t *self)
  * locked-instruction protocol (SW_PARK) and the canceller a plain fence.
  * ThreadSanitizer cannot see membarrier: TSan builds use the fallback. */
 static int asym_barrier;
-static pthread_once_t asym_once = PTHREAD_ONCE_INIT;
+static long online_cpus = 1;    /* for spin_budget */
+static pthread_once_t probe_once = PTHREAD_ONCE_INIT;
 
-static void asym_probe(void)
+/* Facts about the machine, looked up once per process before any worker
+ * of any runtime starts (they never change while one runs). */
+static void probe_machine(void)
 {
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	if (n > 0)
+		online_cpus = n;
 #if !defined(ZK_TSAN) && defined(SYS_membarrier)
 	if (!getenv("ZOKIO_NO_MEMBARRIER") &&
 	    syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0)
@@ -994,12 +1000,6 @@ static int spin_slot_claim(zk_runtime_t *rt)
  * read at most once per 10 ms per worker; unreadable means "not busy". */
 static int cpus_oversubscribed(void)
 {
-	static _Atomic long ncpu_cached; /* workers race to fill it: same value */
-	long ncpu = atomic_load_explicit(&ncpu_cached, memory_order_relaxed);
-	if (!ncpu) {
-		ncpu = sysconf(_SC_NPROCESSORS_ONLN) > 0 ? sysconf(_SC_NPROCESSORS_ONLN) : 1;
-		atomic_store_explicit(&ncpu_cached, ncpu, memory_order_relaxed);
-	}
 	char buf[128];
 	int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
@@ -1009,18 +1009,17 @@ static int cpus_oversubscribed(void)
 	if (n <= 0)
 		return 0;
 	buf[n] = 0;
-	double l1, l5, l15;
-	long running, total;
-	if (sscanf(buf, "%lf %lf %lf %ld/%ld", &l1, &l5, &l15, &running, &total) != 5)
+	long running;
+	if (sscanf(buf, "%*f %*f %*f %ld/", &running) != 1)
 		return 0;
-	return running > ncpu;
+	return running > online_cpus;
 }
 
 static int64_t spin_budget(struct zk__worker *w, int64_t now)
 {
-	if (now - w->csw_checked >= 10000000) {
+	if (now - w->spin_checked >= 10000000) {
 		w->spin_ns = cpus_oversubscribed() ? ZK__SPIN_SHORT_NS : ZK__SPIN_NS;
-		w->csw_checked = now;
+		w->spin_checked = now;
 	}
 	return w->spin_ns;
 }
@@ -1235,9 +1234,7 @@ static void *worker_main(void *arg)
 
 int zk__sched_init(zk_runtime_t *rt)
 {
-	/* before any worker of any runtime parks: asym_barrier never
-	 * changes while one runs */
-	pthread_once(&asym_once, asym_probe);
+	pthread_once(&probe_once, probe_machine);
 	int n = rt->nworkers;
 	rt->workers = aligned_alloc(64, sizeof(struct zk__worker) * (size_t)n);
 	if (!rt->workers)

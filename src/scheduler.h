@@ -52,7 +52,7 @@ struct zk__worker {
 	uint64_t next_id, id_end;       /* block of fiber ids */
 	int spinning;
 	int64_t spin_ns;                /* current spin budget (spin_budget) */
-	int64_t csw_checked;            /* when spin_budget last looked */
+	int64_t spin_checked;           /* when spin_budget last looked */
 	/* Fibers spawned by / ended on this worker: owner-written, read by
 	 * idle workers to see whether everything ended (all_ended). */
 	_Atomic uint64_t n_spawned, n_ended;
