@@ -78,6 +78,16 @@ static void *run_on(int bi, int workers, zk_fiber_fn fn, void *arg)
 	return res;
 }
 
+/* Run fn(sv) on one worker of backend bi with a fresh Unix socket pair. */
+static void run_on_socketpair(int bi, zk_fiber_fn fn)
+{
+	int sv[2];
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	run_on(bi, 1, fn, sv);
+	close(sv[0]);
+	close(sv[1]);
+}
+
 /* A fiber that counts 5 ms ticks while *run: proof that the worker kept
  * running fibers while another one "blocked". */
 struct ticker {
@@ -388,11 +398,7 @@ static void *rcvtimeo_main(void *arg)
 
 START_TEST(test_so_rcvtimeo_and_so_sndtimeo_give_eagain_after_the_timeout)
 {
-	int sv[2];
-	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-	run_on(_i, 1, rcvtimeo_main, sv);
-	close(sv[0]);
-	close(sv[1]);
+	run_on_socketpair(_i, rcvtimeo_main);
 }
 END_TEST
 
@@ -434,11 +440,7 @@ static void *full_transfer_main(void *arg)
 
 START_TEST(test_blocking_write_and_recv_waitall_move_every_byte)
 {
-	int sv[2];
-	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-	run_on(_i, 1, full_transfer_main, sv);
-	close(sv[0]);
-	close(sv[1]);
+	run_on_socketpair(_i, full_transfer_main);
 }
 END_TEST
 
@@ -606,11 +608,7 @@ static void *cancel_main(void *arg)
 
 START_TEST(test_cancel_and_fiber_deadline_end_a_parked_call)
 {
-	int sv[2];
-	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-	run_on(_i, 1, cancel_main, sv);
-	close(sv[0]);
-	close(sv[1]);
+	run_on_socketpair(_i, cancel_main);
 }
 END_TEST
 
