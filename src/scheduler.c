@@ -60,7 +60,7 @@
 #define ZK__FREE_MAX 1024
 #define ZK__ID_BLOCK 1024
 
-static __thread struct zk__worker *tls_worker __attribute__((tls_model("initial-exec")));
+__thread struct zk__worker *zk__tls_worker __attribute__((tls_model("initial-exec")));
 static _Atomic uint64_t next_fiber_id = 1;
 #ifdef ZK_TSAN
 _Atomic int zk__tsan_fence_word;
@@ -72,12 +72,14 @@ _Atomic int zk__tsan_fence_word;
 #define ZK__NOIPA __attribute__((noinline, noipa))
 #endif
 
+#ifndef ZK__WORKER_SELF_INLINE
 ZK__NOIPA struct zk__worker *zk__worker_self(void)
 {
-	struct zk__worker *w = tls_worker;
+	struct zk__worker *w = zk__tls_worker;
 	__asm__ volatile("" : "+r"(w)::"memory");
 	return w;
 }
+#endif
 
 /* Owner-only counter (statistics, and the spawned/ended counts that
  * all_ended() reads): a plain increment, no locked instruction, published
@@ -1199,7 +1201,7 @@ static void worker_loop(struct zk__worker *w)
 /* Signal-handler lookup for stack.c: the fiber on this thread. */
 static int overflow_lookup(struct zk__stack **s, uint64_t *id, const char **name)
 {
-	struct zk__worker *w = tls_worker;
+	struct zk__worker *w = zk__tls_worker;
 	if (!w || !w->current || !w->current->stack)
 		return -1;
 	*s = w->current->stack;
@@ -1211,7 +1213,7 @@ static int overflow_lookup(struct zk__stack **s, uint64_t *id, const char **name
 static void *worker_main(void *arg)
 {
 	struct zk__worker *w = arg;
-	tls_worker = w;
+	zk__tls_worker = w;
 	void *alt = zk__altstack_enter();
 	pthread_attr_t attr;
 	if (pthread_getattr_np(pthread_self(), &attr) == 0) {
@@ -1227,7 +1229,7 @@ static void *worker_main(void *arg)
 	zk__driver_start(&w->driver);
 	worker_loop(w);
 	zk__driver_stop(&w->driver);
-	tls_worker = NULL;
+	zk__tls_worker = NULL;
 	zk__altstack_leave(alt);
 	return NULL;
 }

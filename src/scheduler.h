@@ -105,10 +105,30 @@ struct zk_runtime {
 	_Alignas(64) struct zk__stack_pool pool;
 };
 
-/* The worker running on the calling thread, or NULL.  Never inlined: a
- * fiber may resume on another thread, so the thread-local read must happen
- * anew after every switch (see the migration rule in zokio.h). */
+/* The worker running on the calling thread, or NULL.  A fiber may resume
+ * on another thread, so the thread-local read must happen anew after every
+ * switch (see the migration rule in zokio.h): the compiler may not reuse
+ * the thread pointer or the variable's address across a call.  On x86-64
+ * the read is one asm statement (the thread pointer is %fs, read inside
+ * it, and "memory" keeps it from being merged with an earlier read);
+ * elsewhere it is a call that is never inlined. */
+extern __thread struct zk__worker *zk__tls_worker
+	__attribute__((tls_model("initial-exec"), visibility("hidden")));
+#if defined(__x86_64__) && defined(__ELF__)
+#define ZK__WORKER_SELF_INLINE 1
+static inline struct zk__worker *zk__worker_self(void)
+{
+	struct zk__worker *w;
+	__asm__ volatile("movq zk__tls_worker@gottpoff(%%rip), %0\n\t"
+			 "movq %%fs:(%0), %0"
+			 : "=r"(w)
+			 :
+			 : "memory");
+	return w;
+}
+#else
 struct zk__worker *zk__worker_self(void);
+#endif
 
 /* The running fiber, or NULL on a plain thread: zk_self() for the
  * runtime's own hot paths, without a second call. */
