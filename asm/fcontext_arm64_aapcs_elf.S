@@ -48,8 +48,13 @@
 	.globl	zk_jump_fcontext
 	.hidden	zk_jump_fcontext
 	.type	zk_jump_fcontext, %function
+/* The x86_64 file's zk_jump_fcontext_ret; here both resume by ret. */
+	.globl	zk_jump_fcontext_ret
+	.hidden	zk_jump_fcontext_ret
+	.type	zk_jump_fcontext_ret, %function
 	.p2align 4
 zk_jump_fcontext:
+zk_jump_fcontext_ret:
 	.cfi_startproc
 	ZK_BTI_C
 	sub	sp, sp, #ZK_FRAME
@@ -93,6 +98,7 @@ zk_jump_fcontext:
 	ret				/* to the resume address in x30 */
 	.cfi_endproc
 	.size	zk_jump_fcontext, .-zk_jump_fcontext
+	.size	zk_jump_fcontext_ret, .-zk_jump_fcontext_ret
 
 /* zk_transfer_t zk_ontop_fcontext(to (x0), data (x1), fn (x2))
  * Restores to's registers, including its resume address in x30, then

@@ -19,9 +19,23 @@
  * A zk_transfer_t (two pointers) comes back in rax:rdx; passed to a fresh
  * context's entry function it goes in rdi:rsi.
  *
- * IBT: every global entry and the trampoline (reached by an indirect jump)
- * start with endbr64.  Resuming a context jumps to a return address, which
- * has no landing pad by construction, so that jump is marked notrack.
+ * Two ways to resume, one frame: zk_jump_fcontext ends with an indirect
+ * jump to the resume address (as Boost.Context does), zk_jump_fcontext_ret
+ * with a ret.  The call into either pushed an entry on the CPU's return
+ * stack buffer; ret pops it, the jump leaves it behind.
+ *   - ret predicts the resume address only when the target was suspended
+ *     from the same call site as the caller's, but then every return the
+ *     resumed code makes up its call chain is predicted right.  That is the
+ *     scheduler: all fibers suspend in the same function.
+ *   - the jump is predicted by the indirect-branch predictor whatever the
+ *     site, but the entry left behind shifts the return stack by one, and
+ *     the resumed code's returns are mispredicted until it drains.  Best
+ *     for two contexts that switch from different places in a tight loop.
+ * Either may resume a context the other saved.
+ *
+ * IBT: every global entry and the trampoline start with endbr64.  A jump
+ * to a resume address (a return address, with no landing pad by
+ * construction) is marked notrack; ret is not checked by IBT.
  *
  * Shadow stacks (SHSTK) are not supported: a switch would have to switch
  * shadow stacks too (rstorssp/saveprevssp).  So the property note at the end
@@ -42,14 +56,11 @@
 	.file	"fcontext_x86_64_sysv_elf.S"
 	.text
 
-/* zk_transfer_t zk_jump_fcontext(zk_fcontext_t to (rdi), void *data (rsi)) */
-	.globl	zk_jump_fcontext
-	.hidden	zk_jump_fcontext
-	.type	zk_jump_fcontext, @function
-	.align	16
-zk_jump_fcontext:
-	.cfi_startproc
-	ZK_ENDBR
+/* The switch both jump variants share: save the caller's registers below
+ * its return address, switch to to's stack and restore to's registers.
+ * Leaves rsp at to's resume address and the transfer in rax:rdx (and in
+ * rdi:rsi for a fresh context's entry). */
+.macro ZK_SWITCH
 	leaq	-0x38(%rsp), %rsp	/* the return address is already at 0x38 */
 	stmxcsr	(%rsp)
 	fnstcw	0x4(%rsp)
@@ -71,14 +82,40 @@ zk_jump_fcontext:
 	movq	0x20(%rsp), %r15
 	movq	0x28(%rsp), %rbx
 	movq	0x30(%rsp), %rbp
-	movq	0x38(%rsp), %r8		/* resume address */
-	leaq	0x40(%rsp), %rsp
+	leaq	0x38(%rsp), %rsp
 
 	movq	%rsi, %rdx		/* transfer = {from, data} in rax:rdx */
 	movq	%rax, %rdi		/* and in rdi:rsi for a fresh context */
+.endm
+
+/* zk_transfer_t zk_jump_fcontext(zk_fcontext_t to (rdi), void *data (rsi))
+ * Resumes to by an indirect jump. */
+	.globl	zk_jump_fcontext
+	.hidden	zk_jump_fcontext
+	.type	zk_jump_fcontext, @function
+	.align	16
+zk_jump_fcontext:
+	.cfi_startproc
+	ZK_ENDBR
+	ZK_SWITCH
+	popq	%r8			/* resume address */
 	ZK_NOTRACK jmp	*%r8
 	.cfi_endproc
 	.size	zk_jump_fcontext, .-zk_jump_fcontext
+
+/* zk_transfer_t zk_jump_fcontext_ret(zk_fcontext_t to, void *data)
+ * The same switch, resuming to by ret. */
+	.globl	zk_jump_fcontext_ret
+	.hidden	zk_jump_fcontext_ret
+	.type	zk_jump_fcontext_ret, @function
+	.align	16
+zk_jump_fcontext_ret:
+	.cfi_startproc
+	ZK_ENDBR
+	ZK_SWITCH
+	ret
+	.cfi_endproc
+	.size	zk_jump_fcontext_ret, .-zk_jump_fcontext_ret
 
 /* zk_transfer_t zk_ontop_fcontext(to (rdi), data (rsi), fn (rdx))
  * Restores to's registers, then enters fn with to's resume address left on

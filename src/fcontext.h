@@ -11,6 +11,10 @@
  *       (integer and floating point control state) on its stack, switches to
  *       to, and returns in the resumed context {from, data}: from is the
  *       context just suspended, data the pointer given by whoever jumped.
+ *   zk_jump_fcontext_ret(to, data)  the same switch; it resumes to by a
+ *       return instead of an indirect jump, which keeps the CPU's return
+ *       predictions right when to was suspended from the caller's own call
+ *       site (the scheduler's case; asm/fcontext_x86_64_sysv_elf.S).
  *   zk_ontop_fcontext(to, data, fn)  like jump, but runs fn({from, data}) on
  *       to's stack first; what fn returns is what to's jump returns.
  *
@@ -29,6 +33,7 @@ typedef struct {
 } zk_transfer_t;
 
 zk_transfer_t zk_jump_fcontext(zk_fcontext_t const to, void *data);
+zk_transfer_t zk_jump_fcontext_ret(zk_fcontext_t const to, void *data);
 zk_fcontext_t zk_make_fcontext(void *top, size_t size, void (*fn)(zk_transfer_t));
 zk_transfer_t zk_ontop_fcontext(zk_fcontext_t const to, void *data,
 				zk_transfer_t (*fn)(zk_transfer_t));

@@ -57,6 +57,7 @@ struct zk_fiber {
 	int err;                     /* why it never started (join result) */
 	int16_t home;                /* worker it started on, -1 before */
 	uint8_t pinned;
+	uint8_t fresh;               /* has its first context, not yet entered */
 	/* The current park may be ended by zk_cancel.  Atomic: wakers and
 	 * after_switch read it while the fiber, resumed elsewhere, resets it. */
 	_Atomic uint8_t cancellable_park;

@@ -598,6 +598,7 @@ static int fiber_prepare(struct zk__worker *w, zk_fiber_t *f)
 		return 0;
 	}
 	f->ctx = zk_make_fcontext(zk__stack_top(f->stack), zk__stack_usable(f->stack), fiber_entry);
+	f->fresh = 1;
 #ifdef ZK_TSAN
 	f->tsan = zk__tsan_create();
 #endif
@@ -755,12 +756,32 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 	}
 }
 
-static inline zk_transfer_t jump(zk_fcontext_t to, void *to_tsan, const void *lo, size_t size,
-				 void **asan_save, struct zk__switch *sw)
+/* Switch to fiber f (to its first context if it never ran). */
+static inline zk_transfer_t jump(zk_fiber_t *f, void **asan_save, struct zk__switch *sw)
 {
-	zk__asan_start(asan_save, lo, size);
-	zk__tsan_switch(to_tsan);
-	zk_transfer_t t = zk_jump_fcontext(to, sw);
+	zk__asan_start(asan_save, f->stack->lo, zk__stack_usable(f->stack));
+	zk__tsan_switch(FIBER_TSAN(f));
+	/* Fibers suspend in switch_away, at this very call: resuming one by
+	 * ret keeps the CPU's return predictions right (fcontext.h).  A
+	 * fresh fiber starts in the trampoline instead, which the indirect
+	 * jump predicts. */
+	zk_transfer_t t;
+	if (f->fresh) {
+		f->fresh = 0;
+		t = zk_jump_fcontext(f->ctx, sw);
+	} else {
+		t = zk_jump_fcontext_ret(f->ctx, sw);
+	}
+	zk__asan_finish(asan_save ? *asan_save : NULL);
+	return t;
+}
+
+/* Switch to the worker's own (scheduler) context. */
+static inline zk_transfer_t jump_sched(struct zk__worker *w, void **asan_save, struct zk__switch *sw)
+{
+	zk__asan_start(asan_save, w->thread_stack_lo, w->thread_stack_size);
+	zk__tsan_switch(w->sched_tsan);
+	zk_transfer_t t = zk_jump_fcontext(w->sched_ctx, sw);
 	zk__asan_finish(asan_save ? *asan_save : NULL);
 	return t;
 }
@@ -780,13 +801,12 @@ static void switch_away(struct zk__worker *w, zk_fiber_t *self, struct zk__switc
 		w->current = next;
 		atomic_store_explicit(&next->state, ZK__RUNNING, memory_order_relaxed);
 		owner_inc(&w->st_run);
-		t = jump(next->ctx, FIBER_TSAN(next), next->stack->lo, zk__stack_usable(next->stack),
-			 save, sw);
+		t = jump(next, save, sw);
 	} else if (sw->how == SW_YIELD) {
 		return; /* nothing else to run: keep going */
 	} else {
 		w->current = NULL;
-		t = jump(w->sched_ctx, w->sched_tsan, w->thread_stack_lo, w->thread_stack_size, save, sw);
+		t = jump_sched(w, save, sw);
 	}
 	/* Resumed, perhaps by another worker: ask again who we run on. */
 	after_switch(zk__worker_self(), t);
@@ -1192,8 +1212,7 @@ static void worker_loop(struct zk__worker *w)
 		w->current = f;
 		atomic_store_explicit(&f->state, ZK__RUNNING, memory_order_relaxed);
 		owner_inc(&w->st_run);
-		zk_transfer_t t = jump(f->ctx, FIBER_TSAN(f), f->stack->lo, zk__stack_usable(f->stack),
-				       &w->sched_asan_fake, &sw);
+		zk_transfer_t t = jump(f, &w->sched_asan_fake, &sw);
 		after_switch(w, t);
 	}
 }

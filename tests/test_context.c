@@ -104,9 +104,10 @@ static inline __attribute__((always_inline)) uintptr_t stack_pointer(void)
 }
 
 /*
- * zk_test_int_switch(to, data, in, out, fn, ontop): load in[] into the
- * callee-saved integer registers, switch -- zk_jump_fcontext(to, data), or
- * zk_ontop_fcontext(to, data, fn) if ontop is non-zero -- then store what
+ * zk_test_int_switch(to, data, in, out, fn, how): load in[] into the
+ * callee-saved integer registers, switch -- how 0: zk_jump_fcontext(to,
+ * data), 1: zk_ontop_fcontext(to, data, fn), 2: zk_jump_fcontext_ret(to,
+ * data) -- then store what
  * the registers hold into out[] and return the transfer.  zk_test_fp_switch
  * does the same for the callee-saved FP registers (AArch64 d8-d15; x86_64
  * has none, so there it only switches).
@@ -114,11 +115,11 @@ static inline __attribute__((always_inline)) uintptr_t stack_pointer(void)
 typedef zk_transfer_t (*ontop_fn_t)(zk_transfer_t);
 typedef zk_transfer_t (*switch_helper_t)(zk_fcontext_t to, void *data,
 					 const uint64_t *in, uint64_t *out,
-					 ontop_fn_t fn, long ontop);
+					 ontop_fn_t fn, long how);
 
 zk_transfer_t zk_test_int_switch(zk_fcontext_t to, void *data,
 				 const uint64_t *in, uint64_t *out,
-				 ontop_fn_t fn, long ontop);
+				 ontop_fn_t fn, long how);
 
 #if defined(__x86_64__)
 
@@ -145,11 +146,14 @@ __asm__(
 	"	movq	0x20(%rdx), %r14\n"
 	"	movq	0x28(%rdx), %r15\n"
 	"	movq	%r8, %rdx\n"	/* fn, the third argument of ontop */
-	"	testq	%r9, %r9\n"
-	"	jnz	1f\n"
+	"	cmpq	$1, %r9\n"	/* how: 0 jump, 1 ontop, 2 jump_ret */
+	"	je	1f\n"
+	"	ja	3f\n"
 	"	call	zk_jump_fcontext@PLT\n"
 	"	jmp	2f\n"
 	"1:	call	zk_ontop_fcontext@PLT\n"
+	"	jmp	2f\n"
+	"3:	call	zk_jump_fcontext_ret@PLT\n"
 	"2:	movq	(%rsp), %rcx\n"	/* rax:rdx, the transfer, stay intact */
 	"	movq	%rbx, 0x00(%rcx)\n"
 	"	movq	%rbp, 0x08(%rcx)\n"
@@ -205,11 +209,13 @@ static const fp_mode_t fp_mode_other = { 0x5f80, 0x0f7f };
 
 static zk_transfer_t zk_test_fp_switch(zk_fcontext_t to, void *data,
 				       const uint64_t *in, uint64_t *out,
-				       ontop_fn_t fn, long ontop)
+				       ontop_fn_t fn, long how)
 {
 	(void)in;
 	(void)out;
-	return ontop ? zk_ontop_fcontext(to, data, fn) : zk_jump_fcontext(to, data);
+	if (how == 1)
+		return zk_ontop_fcontext(to, data, fn);
+	return how == 2 ? zk_jump_fcontext_ret(to, data) : zk_jump_fcontext(to, data);
 }
 
 #elif defined(__aarch64__)
@@ -239,10 +245,14 @@ __asm__(
 	"	ldp	x27, x28, [x2, #64]\n"
 	"	ldr	x29, [x2, #80]\n"
 	"	mov	x2, x4\n"		/* fn, the third argument of ontop */
-	"	cbnz	x5, 1f\n"
+	"	cmp	x5, #1\n"		/* how: 0 jump, 1 ontop, 2 jump_ret */
+	"	b.eq	1f\n"
+	"	b.hi	3f\n"
 	"	bl	zk_jump_fcontext\n"
 	"	b	2f\n"
 	"1:	bl	zk_ontop_fcontext\n"
+	"	b	2f\n"
+	"3:	bl	zk_jump_fcontext_ret\n"
 	"2:	ldr	x3, [sp, #96]\n"	/* x0:x1, the transfer, stay intact */
 	"	stp	x19, x20, [x3, #0]\n"
 	"	stp	x21, x22, [x3, #16]\n"
@@ -263,7 +273,7 @@ __asm__(
 
 zk_transfer_t zk_test_fp_switch(zk_fcontext_t to, void *data,
 				const uint64_t *in, uint64_t *out,
-				ontop_fn_t fn, long ontop);
+				ontop_fn_t fn, long how);
 
 __asm__(
 	"	.text\n"
@@ -285,10 +295,14 @@ __asm__(
 	"	ldp	d12, d13, [x2, #32]\n"
 	"	ldp	d14, d15, [x2, #48]\n"
 	"	mov	x2, x4\n"
-	"	cbnz	x5, 1f\n"
+	"	cmp	x5, #1\n"		/* how: 0 jump, 1 ontop, 2 jump_ret */
+	"	b.eq	1f\n"
+	"	b.hi	3f\n"
 	"	bl	zk_jump_fcontext\n"
 	"	b	2f\n"
 	"1:	bl	zk_ontop_fcontext\n"
+	"	b	2f\n"
+	"3:	bl	zk_jump_fcontext_ret\n"
 	"2:	ldr	x3, [sp, #80]\n"
 	"	stp	d8, d9, [x3, #0]\n"
 	"	stp	d10, d11, [x3, #16]\n"
@@ -385,7 +399,9 @@ START_TEST(test_jump_round_trips_data)
 	ck_assert(on_stack(&st, t.fctx));	/* from = the suspended context */
 
 	for (i = 1; i < ROUNDS; i++) {
-		t = zk_jump_fcontext(t.fctx, &e.token[i]);
+		/* the two resume styles answer each other (fcontext.h) */
+		t = i % 2 ? zk_jump_fcontext_ret(t.fctx, &e.token[i])
+			  : zk_jump_fcontext(t.fctx, &e.token[i]);
 		ck_assert_ptr_eq(e.seen[i], &e.token[i]);
 		ck_assert_ptr_eq(t.data, &e.reply[i]);
 		ck_assert(on_stack(&st, t.fctx));
@@ -557,7 +573,8 @@ START_TEST(test_entry_function_gets_16_byte_aligned_stack)
 		memset(&a, 0, sizeof a);
 		ctx = zk_make_fcontext(st.hi - skew, (size_t)(st.hi - skew - st.lo),
 				       align_entry);
-		t = zk_jump_fcontext(ctx, &a);
+		/* a fresh context entered by either resume style */
+		t = skew % 2 ? zk_jump_fcontext_ret(ctx, &a) : zk_jump_fcontext(ctx, &a);
 		ck_assert_msg(a.local % 16 == 0, "skew %zu: local %#lx", skew,
 			      (unsigned long)a.local);
 		ck_assert_msg(a.sp % 16 == 0, "skew %zu: sp %#lx", skew,
@@ -579,7 +596,8 @@ END_TEST
 
 /*
  * The test's context and another one switch back and forth three times:
- * twice by jump and the third time by ontop.  Each switch out of either
+ * by jump, by jump_ret and the third time by ontop (the other context
+ * answers by jump_ret, then jump).  Each switch out of either
  * context goes through a helper that first loads a pattern set of its own
  * into every callee-saved register (the test uses sets 0-2, the other
  * context 3-5), so while one side is suspended the registers hold the other
@@ -615,7 +633,7 @@ static void regs_entry(zk_transfer_t t)
 	}
 	for (i = 0; i < SWITCHES; i++) {
 		t = r->helper(t.fctx, r, r->in[SWITCHES + i],
-			      r->out[SWITCHES + i], NULL, 0);
+			      r->out[SWITCHES + i], NULL, i == 0 ? 2 : 0);
 		if (r->fp_modes && i + 1 < SWITCHES)
 			r->other_mode[i + 1] = fp_mode_get();
 	}
@@ -640,10 +658,10 @@ static void regs_run(struct regs *r, unsigned nregs)
 		fp_mode_set(fp_mode_main);
 	t.fctx = zk_make_fcontext(st.hi, (size_t)(st.hi - st.lo), regs_entry);
 	for (set = 0; set < SWITCHES; set++) {
-		int ontop = set == SWITCHES - 1;
+		long how = set == SWITCHES - 1 ? 1 : set == 1 ? 2 : 0;
 
 		t = r->helper(t.fctx, r, r->in[set], r->out[set],
-			      regs_ontop_fn, ontop);
+			      regs_ontop_fn, how);
 		r->main_mode[set] = fp_mode_get();
 		ck_assert_ptr_eq(t.data, r);
 	}
