@@ -215,16 +215,23 @@ static void ur_cancel(struct zk__driver *d, struct zk__op *op)
 	io_uring_sqe_set_data64(sqe, UR__TAG_IGNORE);
 }
 
-/* Complete what the completion queue holds, oldest first, but at most
- * UR__REAP_MAX ops: the woken fibers go to the worker's deque (256 slots),
- * and the rest wait, in order, for the next poll. */
+/* Complete what the completion queue holds, but at most UR__REAP_MAX ops:
+ * the woken fibers go to the worker's deque (256 slots), and the rest wait,
+ * in order, for the next poll.
+ *
+ * The worker runs the last fiber woken first (the LIFO slot, then the
+ * deque's bottom), so the ops are completed newest first: the fibers then
+ * run in the order their completions arrived, and the one that has waited
+ * longest is served first (a request's tail latency, not its mean). */
 static int reap(struct zk__driver *d, struct ur *ur)
 {
 	struct io_uring_cqe *cqe;
+	struct zk__op *ops[UR__REAP_MAX];
+	int res[UR__REAP_MAX];
 	unsigned head, seen = 0;
-	int woken = 0, rearm = 0;
+	int n = 0, rearm = 0;
 	io_uring_for_each_cqe(&ur->ring, head, cqe) {
-		if (woken == UR__REAP_MAX)
+		if (n == UR__REAP_MAX)
 			break;
 		seen++;
 		uint64_t tag = io_uring_cqe_get_data64(cqe);
@@ -234,13 +241,15 @@ static int reap(struct zk__driver *d, struct ur *ur)
 			rearm = 1;
 			continue;
 		}
-		zk__op_complete(d, (struct zk__op *)(uintptr_t)tag, cqe->res);
-		woken++;
+		ops[n] = (struct zk__op *)(uintptr_t)tag;
+		res[n++] = cqe->res;
 	}
 	io_uring_cq_advance(&ur->ring, seen);
+	for (int i = n; i-- > 0;)
+		zk__op_complete(d, ops[i], res[i]);
 	if (rearm)
 		arm_wake(d, ur);
-	return woken;
+	return n;
 }
 
 /* Completion work is waiting for us in the kernel: with DEFER_TASKRUN (or
