@@ -179,8 +179,11 @@ static int ep_poll(struct zk__driver *d, int64_t timeout_ns)
 		if (n < 0)
 			return 0; /* EINTR: the caller looks again */
 	}
+	/* Last event first: the worker runs the fiber woken last first, so
+	 * the fibers run in the order the kernel reported readiness (as in
+	 * the io_uring driver's reap). */
 	int woken = 0;
-	for (int i = 0; i < n; i++) {
+	for (int i = n; i-- > 0;) {
 		uint64_t tag = ep->evs[i].data.u64;
 		uint32_t e = ep->evs[i].events;
 		if (tag == EP__WAKE_TAG) {
