@@ -552,6 +552,7 @@ int zk_key_set(zk_key_t key, void *value)
 		self->tls = calloc(ZK_KEYS_MAX, sizeof(void *));
 		if (!self->tls)
 			return -ENOMEM;
+		self->has_tls = 1;
 	}
 	self->tls[key] = value;
 	return 0;
@@ -560,7 +561,7 @@ int zk_key_set(zk_key_t key, void *value)
 /* POSIX-style: destructors may set values again, so repeat a few rounds. */
 void zk__fiber_run_tls_dtors(zk_fiber_t *f)
 {
-	if (!f->tls)
+	if (!f->has_tls) /* not f->tls: the end reads only the first line */
 		return;
 	for (int round = 0; round < 4; round++) {
 		int again = 0;
@@ -582,4 +583,5 @@ void zk__fiber_run_tls_dtors(zk_fiber_t *f)
 	}
 	free(f->tls);
 	f->tls = NULL;
+	f->has_tls = 0;
 }

@@ -31,18 +31,36 @@ enum zk__fiber_state {
 
 struct zk_fiber {
 	/* 128 bytes in a plain build, ordered to leave no holes: a million
-	 * queued fibers cost a million of these and nothing else. */
+	 * queued fibers cost a million of these and nothing else.  Records
+	 * are 64-byte aligned (scheduler.c).  The first line holds what
+	 * passes between workers: what a fiber spawned on one worker, run
+	 * and ended on another and joined on the first touches, and what a
+	 * waker on another worker writes.  The second is written at spawn and
+	 * after that mostly read, or touched by the fiber's own worker. */
 	zk_fcontext_t ctx;           /* saved registers while not running */
 	struct zk__stack *stack;     /* NULL until first run and after the end */
-	struct zk_fiber *next;       /* run-queue link */
-	zk_runtime_t *rt;
 	zk_fiber_fn fn;
 	union {
 		void *arg;           /* until it starts */
 		void *result;        /* once it ends */
 	};
-	uint64_t id;
 	_Atomic uintptr_t joiner;    /* the end word: see ZK__JOIN_* below */
+	_Atomic int state;           /* enum zk__fiber_state */
+	_Atomic int cancel;          /* cancellation requested */
+	int wake_reason;             /* what zk__park returns; set by the waker */
+	int err;                     /* why it never started (join result) */
+	int16_t home;                /* worker it started on, -1 before */
+	uint8_t pinned;
+	uint8_t fresh;               /* has its first context, not yet entered */
+	uint8_t has_tls;             /* tls is allocated (the end looks) */
+	/* The current park may be ended by zk_cancel.  Atomic: wakers and
+	 * after_switch read it while the fiber, resumed elsewhere, resets it. */
+	_Atomic uint8_t cancellable_park;
+	_Atomic uint8_t park_permit; /* zk_park/zk_unpark handshake (park.c) */
+	/* second line: written at spawn, then mostly read */
+	struct zk_fiber *next;       /* run-queue and free-list link */
+	zk_runtime_t *rt;
+	uint64_t id;
 	int64_t deadline;            /* zk_deadline_set; ZK__NO_DEADLINE (INT64_MAX) if none */
 	/* Set while parked in I/O: zk_cancel calls it instead of waking the
 	 * fiber, because only the driver may decide when the kernel is done
@@ -51,17 +69,6 @@ struct zk_fiber {
 	const char *waiting_on;      /* for the fiber dump */
 	void **tls;                  /* ZK_KEYS_MAX values, allocated on first set */
 	char *name;                  /* ZK__NAME_MAX bytes once set, else NULL */
-	_Atomic int state;           /* enum zk__fiber_state */
-	_Atomic int cancel;          /* cancellation requested */
-	int wake_reason;             /* what zk__park returns; set by the waker */
-	int err;                     /* why it never started (join result) */
-	int16_t home;                /* worker it started on, -1 before */
-	uint8_t pinned;
-	uint8_t fresh;               /* has its first context, not yet entered */
-	/* The current park may be ended by zk_cancel.  Atomic: wakers and
-	 * after_switch read it while the fiber, resumed elsewhere, resets it. */
-	_Atomic uint8_t cancellable_park;
-	_Atomic uint8_t park_permit; /* zk_park/zk_unpark handshake (park.c) */
 #ifdef ZK_ASAN
 	void *asan_fake;             /* ASan fake-stack save slot while switched out */
 #endif

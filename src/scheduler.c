@@ -391,6 +391,7 @@ void zk__sched_quiesce(zk_runtime_t *rt)
 #if !defined(ZK_ASAN) && !defined(ZK_TSAN) && UINTPTR_MAX == UINT64_MAX
 /* The cost of a queued fiber (perf: mem_queued); see the layout in fiber.h. */
 _Static_assert(sizeof(zk_fiber_t) == 128, "the fiber record grew past 128 bytes");
+_Static_assert(offsetof(zk_fiber_t, next) == 64, "the fiber record's first line is not full");
 #endif
 
 #define ZK__SLAB_RECS 256
@@ -400,11 +401,13 @@ static zk_fiber_t *rec_take_global(zk_runtime_t *rt, struct zk__worker *w)
 {
 	pthread_mutex_lock(&rt->rec_lock);
 	if (!rt->rec_free) {
-		struct zk__slab *s = calloc(1, sizeof(*s) + ZK__SLAB_RECS * sizeof(zk_fiber_t));
+		size_t bytes = sizeof(struct zk__slab) + ZK__SLAB_RECS * sizeof(zk_fiber_t);
+		struct zk__slab *s = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
 		if (!s) {
 			pthread_mutex_unlock(&rt->rec_lock);
 			return NULL;
 		}
+		memset(s, 0, bytes);
 		s->n = ZK__SLAB_RECS;
 		s->next = rt->slabs;
 		rt->slabs = s;
@@ -466,6 +469,7 @@ zk_fiber_t *zk__fiber_alloc(zk_runtime_t *rt, struct zk__worker *w)
 	f->pinned = 0;
 	atomic_init(&f->cancellable_park, 0);
 	atomic_init(&f->park_permit, 0);
+	f->has_tls = 0;
 	atomic_init(&f->cancel_hook, NULL);
 	f->err = 0;
 	f->waiting_on = NULL;

@@ -25,7 +25,7 @@ struct zk__fifo {
 struct zk__slab {
 	struct zk__slab *next;
 	size_t n;
-	zk_fiber_t recs[];
+	_Alignas(64) zk_fiber_t recs[]; /* each record on its own lines */
 };
 
 struct zk__worker {
