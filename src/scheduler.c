@@ -1023,7 +1023,11 @@ static int spin_slot_claim(zk_runtime_t *rt)
  * machine, other processes, more threads than cores), a spin only delays
  * whoever waits for this CPU: the budget is then ZK__SPIN_SHORT_NS.  The
  * kernel's count of runnable threads (/proc/loadavg, fourth field) is
- * read at most once per 10 ms per worker; unreadable means "not busy". */
+ * read at most once per 10 ms per worker; unreadable means "not busy".
+ * The count is a snapshot, and a short-lived thread of another process
+ * now and then makes it one too high: the budget shrinks only after two
+ * busy looks in a row (a client that keeps running stays seen), and grows
+ * back at the first quiet one. */
 static int cpus_oversubscribed(void)
 {
 	char buf[128];
@@ -1044,7 +1048,11 @@ static int cpus_oversubscribed(void)
 static int64_t spin_budget(struct zk__worker *w, int64_t now)
 {
 	if (now - w->spin_checked >= 10000000) {
-		w->spin_ns = cpus_oversubscribed() ? ZK__SPIN_SHORT_NS : ZK__SPIN_NS;
+		if (!cpus_oversubscribed())
+			w->oversub_seen = 0;
+		else if (w->oversub_seen < 2)
+			w->oversub_seen++;
+		w->spin_ns = w->oversub_seen >= 2 ? ZK__SPIN_SHORT_NS : ZK__SPIN_NS;
 		w->spin_checked = now;
 	}
 	return w->spin_ns;
