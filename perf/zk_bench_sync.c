@@ -385,19 +385,30 @@ static void *mutex_task(void *a)
 static long mutex_tasks;
 static int64_t mutex_elapsed;
 
-static void *mutex_main(void *a)
+/* Spawn n fibers - the first nfirst run first(arg), the rest rest(arg) -
+ * join them all, and return the nanoseconds from the first spawn to the
+ * last join. */
+static int64_t spawn_join_all(long n, long nfirst, zk_fiber_fn first, zk_fiber_fn rest, void *arg)
 {
-	zk_fiber_t **f = calloc((size_t)mutex_tasks, sizeof(*f));
+	zk_fiber_t **f = calloc((size_t)n, sizeof(*f));
+	if (!f)
+		die("calloc", -ENOMEM);
 	int64_t t0 = zk_now_ns();
-	for (long t = 0; t < mutex_tasks; t++) {
-		int rc = zk_spawn(&f[t], mutex_task, NULL);
+	for (long i = 0; i < n; i++) {
+		int rc = zk_spawn(&f[i], i < nfirst ? first : rest, arg);
 		if (rc)
 			die("zk_spawn", rc);
 	}
-	for (long t = 0; t < mutex_tasks; t++)
-		zk_join(f[t], NULL);
-	mutex_elapsed = zk_now_ns() - t0;
+	for (long i = 0; i < n; i++)
+		zk_join(f[i], NULL);
+	int64_t elapsed = zk_now_ns() - t0;
 	free(f);
+	return elapsed;
+}
+
+static void *mutex_main(void *a)
+{
+	mutex_elapsed = spawn_join_all(mutex_tasks, mutex_tasks, mutex_task, NULL, NULL);
 	return NULL;
 }
 
@@ -473,20 +484,8 @@ static int64_t mpmc_elapsed;
 static void *mpmc_main(void *a)
 {
 	struct mpmc *m = a;
-	long nf = m->producers + mpmc_consumers;
-	zk_fiber_t **f = calloc((size_t)nf, sizeof(*f));
-	if (!f)
-		die("calloc", -ENOMEM);
-	int64_t t0 = zk_now_ns();
-	for (long i = 0; i < nf; i++) {
-		int rc = zk_spawn(&f[i], i < mpmc_consumers ? mpmc_consumer : mpmc_producer, m);
-		if (rc)
-			die("zk_spawn", rc);
-	}
-	for (long i = 0; i < nf; i++)
-		zk_join(f[i], NULL);
-	mpmc_elapsed = zk_now_ns() - t0;
-	free(f);
+	mpmc_elapsed = spawn_join_all(m->producers + mpmc_consumers, mpmc_consumers,
+				      mpmc_consumer, mpmc_producer, m);
 	return NULL;
 }
 
