@@ -66,13 +66,13 @@ static _Atomic uint64_t next_fiber_id = 1;
 _Atomic int zk__tsan_fence_word;
 #endif
 
+#ifndef ZK__WORKER_SELF_INLINE
 #if defined(__clang__)
 #define ZK__NOIPA __attribute__((noinline))
 #else
 #define ZK__NOIPA __attribute__((noinline, noipa))
 #endif
 
-#ifndef ZK__WORKER_SELF_INLINE
 ZK__NOIPA struct zk__worker *zk__worker_self(void)
 {
 	struct zk__worker *w = zk__tls_worker;
@@ -760,36 +760,29 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 	}
 }
 
-/* Switch to fiber f (to its first context if it never ran). */
-static inline zk_transfer_t jump(zk_fiber_t *f, void **asan_save, struct zk__switch *sw)
+/* Switch to context to (whose stack is lo..lo+size, TSan fiber to_tsan),
+ * resuming it by ret or by an indirect jump (fcontext.h). */
+static inline zk_transfer_t jump(zk_fcontext_t to, void *to_tsan, const void *lo, size_t size,
+				 void **asan_save, struct zk__switch *sw, int by_ret)
 {
-	zk__asan_start(asan_save, f->stack->lo, zk__stack_usable(f->stack));
-	zk__tsan_switch(FIBER_TSAN(f));
-	/* Fibers suspend in switch_away, at this very call: resuming one by
-	 * ret keeps the CPU's return predictions right (fcontext.h).  A
-	 * fresh fiber starts in the trampoline instead, which the indirect
-	 * jump predicts. */
-	zk_transfer_t t;
-	if (f->fresh) {
-		f->fresh = 0;
-		t = zk_jump_fcontext(f->ctx, sw);
-	} else {
-		t = zk_jump_fcontext_ret(f->ctx, sw);
-	}
+	zk__asan_start(asan_save, lo, size);
+	zk__tsan_switch(to_tsan);
+	zk_transfer_t t = by_ret ? zk_jump_fcontext_ret(to, sw) : zk_jump_fcontext(to, sw);
 	zk__asan_finish(asan_save ? *asan_save : NULL);
 	return t;
 }
 
-/* Switch to the worker's own (scheduler) context. */
-static inline zk_transfer_t jump_sched(struct zk__worker *w, void **asan_save, struct zk__switch *sw)
+/* Switch to fiber f.  Fibers suspend in switch_away, at its call of this:
+ * resuming one by ret keeps the CPU's return predictions right.  A fresh
+ * fiber starts in the trampoline instead, which the indirect jump
+ * predicts. */
+static inline zk_transfer_t jump_fiber(zk_fiber_t *f, void **asan_save, struct zk__switch *sw)
 {
-	zk__asan_start(asan_save, w->thread_stack_lo, w->thread_stack_size);
-	zk__tsan_switch(w->sched_tsan);
-	zk_transfer_t t = zk_jump_fcontext(w->sched_ctx, sw);
-	zk__asan_finish(asan_save ? *asan_save : NULL);
-	return t;
+	int by_ret = !f->fresh;
+	f->fresh = 0;
+	return jump(f->ctx, FIBER_TSAN(f), f->stack->lo, zk__stack_usable(f->stack), asan_save, sw,
+		    by_ret);
 }
-
 
 /* Leave the running fiber self: straight to the next runnable fiber, or to
  * the scheduler loop.  Returns when self is resumed (never for SW_EXIT). */
@@ -805,12 +798,14 @@ static void switch_away(struct zk__worker *w, zk_fiber_t *self, struct zk__switc
 		w->current = next;
 		atomic_store_explicit(&next->state, ZK__RUNNING, memory_order_relaxed);
 		owner_inc(&w->st_run);
-		t = jump(next, save, sw);
+		t = jump_fiber(next, save, sw);
 	} else if (sw->how == SW_YIELD) {
 		return; /* nothing else to run: keep going */
 	} else {
 		w->current = NULL;
-		t = jump_sched(w, save, sw);
+		/* the worker's loop waits at a call of its own: jump */
+		t = jump(w->sched_ctx, w->sched_tsan, w->thread_stack_lo, w->thread_stack_size, save, sw,
+			 0);
 	}
 	/* Resumed, perhaps by another worker: ask again who we run on. */
 	after_switch(zk__worker_self(), t);
@@ -1224,7 +1219,7 @@ static void worker_loop(struct zk__worker *w)
 		w->current = f;
 		atomic_store_explicit(&f->state, ZK__RUNNING, memory_order_relaxed);
 		owner_inc(&w->st_run);
-		zk_transfer_t t = jump(f, &w->sched_asan_fake, &sw);
+		zk_transfer_t t = jump_fiber(f, &w->sched_asan_fake, &sw);
 		after_switch(w, t);
 	}
 }
