@@ -56,10 +56,10 @@
 	.file	"fcontext_x86_64_sysv_elf.S"
 	.text
 
-/* The switch both jump variants share: save the caller's registers below
+/* The switch all three entries share: save the caller's registers below
  * its return address, switch to to's stack and restore to's registers.
  * Leaves rsp at to's resume address and the transfer in rax:rdx (and in
- * rdi:rsi for a fresh context's entry). */
+ * rdi:rsi for a fresh context's entry or an ontop function). */
 .macro ZK_SWITCH
 	leaq	-0x38(%rsp), %rsp	/* the return address is already at 0x38 */
 	stmxcsr	(%rsp)
@@ -129,31 +129,8 @@ zk_ontop_fcontext:
 	.cfi_startproc
 	ZK_ENDBR
 	movq	%rdx, %r8		/* fn survives the register restore */
-	leaq	-0x38(%rsp), %rsp
-	stmxcsr	(%rsp)
-	fnstcw	0x4(%rsp)
-	movq	%r12, 0x08(%rsp)
-	movq	%r13, 0x10(%rsp)
-	movq	%r14, 0x18(%rsp)
-	movq	%r15, 0x20(%rsp)
-	movq	%rbx, 0x28(%rsp)
-	movq	%rbp, 0x30(%rsp)
-
-	movq	%rsp, %rax
-	movq	%rdi, %rsp
-
-	ldmxcsr	(%rsp)
-	fldcw	0x4(%rsp)
-	movq	0x08(%rsp), %r12
-	movq	0x10(%rsp), %r13
-	movq	0x18(%rsp), %r14
-	movq	0x20(%rsp), %r15
-	movq	0x28(%rsp), %rbx
-	movq	0x30(%rsp), %rbp
-	leaq	0x38(%rsp), %rsp	/* leave the resume address as fn's return address */
-
-	movq	%rax, %rdi		/* fn({from, data}) */
-	/* rsi already holds data */
+	ZK_SWITCH			/* leaves the resume address as fn's return
+					 * address, fn's {from, data} in rdi:rsi */
 	jmp	*%r8
 	.cfi_endproc
 	.size	zk_ontop_fcontext, .-zk_ontop_fcontext
