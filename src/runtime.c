@@ -96,6 +96,22 @@ int zk_runtime_run(zk_runtime_t *rt)
 
 /* Cancel every live fiber.  Records are walked under the record lock, the
  * same way the dump does; zk_cancel only sets a flag and may wake. */
+static int shutdown_mark(zk_fiber_t *f, int state, void *arg)
+{
+	(void)state;
+	(void)arg;
+	zk__cancel_mark(f);
+	return 0;
+}
+
+static int shutdown_kick(zk_fiber_t *f, int state, void *arg)
+{
+	(void)state;
+	(void)arg;
+	zk__cancel_kick(f);
+	return 0;
+}
+
 void zk_runtime_shutdown(zk_runtime_t *rt)
 {
 	if (!rt)
@@ -108,22 +124,9 @@ void zk_runtime_shutdown(zk_runtime_t *rt)
 	/* As zk_cancel, in two passes around one heavy barrier: mark every
 	 * live fiber, then wake those parked. */
 	pthread_mutex_lock(&rt->rec_lock);
-	for (int pass = 0; pass < 2; pass++) {
-		if (pass == 1)
-			zk__heavy_barrier();
-		for (struct zk__slab *s = rt->slabs; s; s = s->next) {
-			for (size_t i = 0; i < s->n; i++) {
-				zk_fiber_t *f = &s->recs[i];
-				int st = atomic_load_explicit(&f->state, memory_order_acquire);
-				if (st == ZK__FREE || st == ZK__DONE)
-					continue;
-				if (pass == 0)
-					zk__cancel_mark(f);
-				else
-					zk__cancel_kick(f);
-			}
-		}
-	}
+	zk__each_live_fiber(rt, shutdown_mark, NULL);
+	zk__heavy_barrier();
+	zk__each_live_fiber(rt, shutdown_kick, NULL);
 	pthread_mutex_unlock(&rt->rec_lock);
 	atomic_fetch_sub_explicit(&rt->foreign_wakers, 1, memory_order_release);
 }

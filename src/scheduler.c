@@ -1381,41 +1381,59 @@ static const char *state_name(int s)
 	}
 }
 
+int zk__each_live_fiber(zk_runtime_t *rt, int (*fn)(zk_fiber_t *f, int state, void *arg),
+			void *arg)
+{
+	for (struct zk__slab *s = rt->slabs; s; s = s->next) {
+		for (size_t i = 0; i < s->n; i++) {
+			zk_fiber_t *f = &s->recs[i];
+			int st = atomic_load_explicit(&f->state, memory_order_acquire);
+			if (st == ZK__FREE || st == ZK__DONE)
+				continue;
+			int rc = fn(f, st, arg);
+			if (rc)
+				return rc;
+		}
+	}
+	return 0;
+}
+
+struct dump {
+	int fd, count;
+};
+
 /* Best effort while the runtime runs: records are read without stopping
  * their owners (the fields may be mid-update, never unmapped). */
 #ifdef ZK_TSAN
 __attribute__((no_sanitize("thread")))
 #endif
+static int dump_one(zk_fiber_t *f, int st, void *arg)
+{
+	struct dump *d = arg;
+	char line[256];
+	char name[ZK__NAME_MAX] = "";
+	if (f->name)
+		memcpy(name, f->name, sizeof(name));
+	name[sizeof(name) - 1] = 0;
+	const char *what = f->waiting_on;
+	int len = snprintf(line, sizeof(line), "fiber %llu%s%s%s %s%s%s worker %d\n",
+			   (unsigned long long)f->id, name[0] ? " \"" : "", name,
+			   name[0] ? "\"" : "", state_name(st),
+			   st == ZK__PARKED && what ? " on " : "",
+			   st == ZK__PARKED && what ? what : "", f->home);
+	if (len > 0 && write(d->fd, line, (size_t)len) < 0)
+		return -errno;
+	d->count++;
+	return 0;
+}
+
 int zk_runtime_dump(zk_runtime_t *rt, int fd)
 {
 	if (!rt || fd < 0)
 		return -EINVAL;
-	int count = 0;
-	char line[256];
+	struct dump d = { fd, 0 };
 	pthread_mutex_lock(&rt->rec_lock);
-	for (struct zk__slab *s = rt->slabs; s; s = s->next) {
-		for (size_t i = 0; i < s->n; i++) {
-			zk_fiber_t *f = &s->recs[i];
-			int st = atomic_load_explicit(&f->state, memory_order_relaxed);
-			if (st == ZK__FREE || st == ZK__DONE)
-				continue;
-			char name[ZK__NAME_MAX] = "";
-			if (f->name)
-				memcpy(name, f->name, sizeof(name));
-			name[sizeof(name) - 1] = 0;
-			const char *what = f->waiting_on;
-			int len = snprintf(line, sizeof(line), "fiber %llu%s%s%s %s%s%s worker %d\n",
-					   (unsigned long long)f->id, name[0] ? " \"" : "", name,
-					   name[0] ? "\"" : "", state_name(st),
-					   st == ZK__PARKED && what ? " on " : "",
-					   st == ZK__PARKED && what ? what : "", f->home);
-			if (len > 0 && write(fd, line, (size_t)len) < 0) {
-				pthread_mutex_unlock(&rt->rec_lock);
-				return -errno;
-			}
-			count++;
-		}
-	}
+	int rc = zk__each_live_fiber(rt, dump_one, &d);
 	pthread_mutex_unlock(&rt->rec_lock);
-	return count;
+	return rc ? rc : d.count;
 }

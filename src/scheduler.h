@@ -153,6 +153,11 @@ int zk__sched_run(zk_runtime_t *rt);
 /* Wait until no thread outside the runtime is still waking one of its
  * fibers (called before the runtime's memory goes away). */
 void zk__sched_quiesce(zk_runtime_t *rt);
+/* Call fn(f, state, arg) for every fiber record that is neither free nor
+ * ended, until fn returns non-zero, which is then returned.  The caller
+ * holds rt->rec_lock (records are never freed while it is). */
+int zk__each_live_fiber(zk_runtime_t *rt, int (*fn)(zk_fiber_t *f, int state, void *arg),
+			void *arg);
 /* Suspend the current fiber for good (it ended). */
 void zk__fiber_finish(zk_fiber_t *self) __attribute__((noreturn));
 void zk__yield(zk_fiber_t *self);
