@@ -79,6 +79,7 @@ typedef struct zk_runtime_opts {
 	unsigned stack_pool_hwm;/* global pool high-water mark: stacks returned past it
 	                         * have their pages given back with madvise; 0 = 256 */
 	int backend;            /* enum zk_backend: the I/O driver */
+	int shared_poll;        /* enum zk_shared_poll: where sockets wait */
 } zk_runtime_opts_t;
 
 /* I/O backends.  AUTO (the default) takes $ZOKIO_BACKEND (io_uring, epoll
@@ -90,6 +91,25 @@ enum zk_backend {
 	ZK_BACKEND_AUTO = 0,
 	ZK_BACKEND_IO_URING = 1,
 	ZK_BACKEND_EPOLL = 2,
+};
+
+/* Where a fiber's socket call waits for the socket to become ready.
+ * SHARED: in one epoll set per runtime, harvested by whichever worker looks
+ * first; the call itself is then made directly.  A worker that the kernel
+ * preempts (other programs on its CPU) then holds up none of its
+ * connections: another worker wakes and runs them.  PER_WORKER: in the
+ * calling worker's own driver (with io_uring, the kernel performs the
+ * call), only ever completed by that worker: slightly less work per call,
+ * but a preempted worker's connections wait until it runs again.  AUTO
+ * (the default) takes $ZOKIO_SHARED_POLL (1 or 0) if set, else SHARED with
+ * two or more workers and PER_WORKER with one.  Applies to recv, send,
+ * recvmsg, sendmsg, recvfrom, sendto, accept, connect and the waits for
+ * readability or writability; reads and writes of files always go through
+ * the worker's own driver. */
+enum zk_shared_poll {
+	ZK_SHARED_POLL_AUTO = 0,
+	ZK_SHARED_POLL_ON = 1,
+	ZK_SHARED_POLL_OFF = 2,
 };
 
 /* Fill *opts with the defaults.  Any thread. */
@@ -121,6 +141,10 @@ ZK_API int zk_runtime_destroy(zk_runtime_t *rt);
 
 /* The I/O backend rt uses: "io_uring" or "epoll".  Any thread. */
 ZK_API const char *zk_runtime_backend(zk_runtime_t *rt);
+
+/* 1 if rt's sockets wait in the shared poller (enum zk_shared_poll), else
+ * 0; -EINVAL for NULL.  Any thread. */
+ZK_API int zk_runtime_shared_poll(zk_runtime_t *rt);
 
 /* The runtime of the calling fiber, or NULL on a plain thread. */
 ZK_API zk_runtime_t *zk_runtime_current(void);
@@ -644,11 +668,14 @@ ZK_API int zk_key_set(zk_key_t key, void *value);
  * resumes only once the kernel has let go of its buffer; if the operation
  * completed anyway, its real result is returned (data is never lost).
  *
- * fds under the epoll backend: calls switch an fd to O_NONBLOCK the first
- * time they meet it (remembered per fd number until zk_close), and fds that
- * zk_accept / zk_socket / the helpers below create are non-blocking there.
- * Close such fds with zk_close, not close(), so a reused fd number is not
- * mistaken for the old one.  A fiber parked on an fd that another fiber
+ * fds under the epoll backend or the shared poller (enum zk_shared_poll):
+ * calls switch an fd to O_NONBLOCK the first time they meet it (remembered
+ * per fd number until zk_close), and fds that zk_accept / zk_socket / the
+ * helpers below create are non-blocking there.  Close such fds with
+ * zk_close, not close(), so a reused fd number is not mistaken for the old
+ * one (the shared poller registers each socket once: a number reused
+ * behind its back by an fd that did not come from zk_accept or zk_socket
+ * would wait for readiness that is never reported).  A fiber parked on an fd that another fiber
  * closes is not woken: shut the socket down (zk_shutdown) or cancel the
  * fiber first.
  *

@@ -136,6 +136,8 @@ struct zk__driver {
 	_Atomic int cancel_pending;    /* some fiber parked here was cancelled */
 	struct zk__op *ops;            /* in flight (owner only) */
 	long nops;
+	int np_fd;                     /* the shared poller's fd to watch, or -1 */
+	uint8_t np_fired;              /* the backend saw np_fd readable */
 	unsigned ticks;                /* zk__driver_tick calls since the last poll */
 	int64_t polled_at;             /* zk__now() of the first tick since then */
 };
@@ -146,6 +148,29 @@ extern const struct zk__driver_vt zk__driver_uring;
 /* 0 if an io_uring can be set up here, else the negative errno. */
 int zk__uring_probe(void);
 #endif
+
+/* ---- the shared readiness poller (driver_netpoll.c) --------------------- */
+
+/* With two or more workers (zk_runtime_opts.shared_poll), sockets wait for
+ * readiness in one epoll set per runtime that any worker may harvest, so a
+ * worker the kernel has preempted does not hold up its connections.  Each
+ * worker's backend watches the set's fd (d->np_fd) and sets d->np_fired
+ * when it is readable; zk__driver_poll then harvests. */
+struct zk__netpoll;
+int zk__netpoll_create(struct zk__netpoll **out);
+void zk__netpoll_destroy(struct zk__netpoll *np);
+int zk__netpoll_fd(const struct zk__netpoll *np);
+/* In a fiber: park until fd is ready for events (POLLIN or POLLOUT), the
+ * deadline (and the fiber's own) passes, or zk_cancel.  0, -ETIMEDOUT,
+ * -ECANCELED, -ERANGE (fd too large for the table: use the worker's own
+ * driver) or the -errno of the registration (-EPERM: a regular file). */
+int zk__netpoll_wait(struct zk__netpoll *np, int fd, int events, int64_t deadline);
+/* Any worker: wake the fibers of every fd that is ready now.  Returns how
+ * many were woken (onto the calling worker). */
+int zk__netpoll_harvest(struct zk__netpoll *np);
+/* fd was just created through Zokio, or is about to be closed: what every
+ * poller remembers of the number is for its old life.  Any thread. */
+void zk__netpoll_reborn(int fd);
 
 /* ---- the common half (io.c) ------------------------------------------- */
 
@@ -171,7 +196,7 @@ void zk__driver_wake(struct zk__driver *d);
  * starved by fibers that never stop running. */
 #define ZK__DRIVER_REAP_TICKS 16
 #define ZK__DRIVER_REAP_NS 5000000
-void zk__driver_tick(struct zk__driver *d);
+int64_t zk__driver_tick(struct zk__driver *d); /* returns zk__now() */
 /* vt->flush() if the backend batches submissions (owner only). */
 static inline void zk__driver_flush(struct zk__driver *d)
 {

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #define EP__WAKE_TAG UINT64_MAX
+#define EP__NETPOLL_TAG (UINT64_MAX - 1)  /* the shared poller's set */
 #define EP__EVENTS 256
 
 struct ep_slot {
@@ -48,7 +49,9 @@ static int ep_start(struct zk__driver *d)
 		return rc;
 	}
 	struct epoll_event ev = { .events = EPOLLIN, .data.u64 = EP__WAKE_TAG };
-	if (epoll_ctl(ep->epfd, EPOLL_CTL_ADD, d->wake_fd, &ev) != 0) {
+	struct epoll_event np = { .events = EPOLLIN, .data.u64 = EP__NETPOLL_TAG };
+	if (epoll_ctl(ep->epfd, EPOLL_CTL_ADD, d->wake_fd, &ev) != 0 ||
+	    (d->np_fd >= 0 && epoll_ctl(ep->epfd, EPOLL_CTL_ADD, d->np_fd, &np) != 0)) {
 		int rc = -errno;
 		close(ep->epfd);
 		free(ep);
@@ -190,6 +193,10 @@ static int ep_poll(struct zk__driver *d, int64_t timeout_ns)
 			uint64_t v;
 			ssize_t r = read(d->wake_fd, &v, sizeof(v));
 			(void)r;
+			continue;
+		}
+		if (tag == EP__NETPOLL_TAG) {
+			d->np_fired = 1; /* level-triggered: io.c harvests */
 			continue;
 		}
 		int fd = (int)tag;

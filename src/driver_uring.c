@@ -24,6 +24,7 @@
 
 #include <errno.h>
 #include <liburing.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -33,6 +34,7 @@
 #define UR__REAP_MAX 128
 #define UR__TAG_IGNORE 0  /* completions of cancel requests */
 #define UR__TAG_WAKE 1    /* the eventfd read */
+#define UR__TAG_NETPOLL 2 /* the shared poller's set became readable */
 
 struct ur {
 	struct io_uring ring;
@@ -106,6 +108,20 @@ static int arm_wake(struct zk__driver *d, struct ur *ur)
 	return 0;
 }
 
+/* One-shot, re-armed after each completion: at most one completion per
+ * harvest, however many sockets became ready. */
+static int arm_netpoll(struct zk__driver *d, struct ur *ur)
+{
+	if (d->np_fd < 0)
+		return 0;
+	struct io_uring_sqe *sqe = sqe_get(ur);
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_poll_add(sqe, d->np_fd, POLLIN);
+	io_uring_sqe_set_data64(sqe, UR__TAG_NETPOLL);
+	return 0;
+}
+
 static int ring_lifetimes; /* a ThreadSanitizer sync object, see ur_start */
 
 static int ur_start(struct zk__driver *d)
@@ -127,6 +143,7 @@ static int ur_start(struct zk__driver *d)
 	 * io_uring_enter (kernels without it just say no). */
 	io_uring_register_ring_fd(&ur->ring);
 	arm_wake(d, ur);
+	arm_netpoll(d, ur);
 	d->impl = ur;
 	return 0;
 }
@@ -136,8 +153,8 @@ static void ur_stop(struct zk__driver *d)
 	struct ur *ur = d->impl;
 	if (!ur)
 		return;
-	/* Every fiber has ended, so only the eventfd read is still in flight;
-	 * tearing the ring down cancels it. */
+	/* Every fiber has ended, so only the eventfd read (and the shared
+	 * poller's poll) is still in flight; tearing the ring down cancels it. */
 	zk__tsan_release(&ring_lifetimes);
 	io_uring_queue_exit(&ur->ring);
 	free(ur);
@@ -241,6 +258,10 @@ static int reap(struct zk__driver *d, struct ur *ur)
 			rearm = 1;
 			continue;
 		}
+		if (tag == UR__TAG_NETPOLL) {
+			d->np_fired = 1; /* io.c harvests after this reap */
+			continue;
+		}
 		ops[n] = (struct zk__op *)(uintptr_t)tag;
 		res[n++] = cqe->res;
 	}
@@ -249,6 +270,8 @@ static int reap(struct zk__driver *d, struct ur *ur)
 		zk__op_complete(d, ops[i], res[i]);
 	if (rearm)
 		arm_wake(d, ur);
+	if (d->np_fired)
+		arm_netpoll(d, ur);
 	return n;
 }
 

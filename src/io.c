@@ -50,6 +50,7 @@ int zk__driver_init(struct zk__driver *d, struct zk__worker *w, const struct zk_
 	d->vt = vt;
 	d->w = w;
 	d->hook.fn = cancel_hook_fn;
+	d->np_fd = w->rt->netpoll ? zk__netpoll_fd(w->rt->netpoll) : -1;
 	d->wake_fd = eventfd(0, EFD_CLOEXEC);
 	return d->wake_fd < 0 ? -errno : 0;
 }
@@ -129,15 +130,20 @@ int zk__driver_poll(struct zk__driver *d, int64_t timeout_ns)
 	    atomic_exchange_explicit(&d->cancel_pending, 0, memory_order_seq_cst))
 		woken = cancel_scan(d);
 	/* Fibers just made runnable must not wait behind a blocking wait. */
-	return woken + d->vt->poll(d, woken ? 0 : timeout_ns);
+	woken += d->vt->poll(d, woken ? 0 : timeout_ns);
+	if (d->np_fired) {
+		d->np_fired = 0;
+		woken += zk__netpoll_harvest(d->w->rt->netpoll);
+	}
+	return woken;
 }
 
-void zk__driver_tick(struct zk__driver *d)
+int64_t zk__driver_tick(struct zk__driver *d)
 {
-	if (!d->impl)
-		return;
 	/* the clock is read once per tick, i.e. every ~60 picks */
 	int64_t now = zk__now();
+	if (!d->impl)
+		return now;
 	if (d->ticks++ == 0)
 		d->polled_at = now;
 	if (d->ticks >= ZK__DRIVER_REAP_TICKS || now - d->polled_at >= ZK__DRIVER_REAP_NS ||
@@ -145,6 +151,7 @@ void zk__driver_tick(struct zk__driver *d)
 		zk__driver_poll(d, 0);
 	else if (d->vt->flush)
 		d->vt->flush(d);
+	return now;
 }
 
 void zk__op_complete(struct zk__driver *d, struct zk__op *op, int res)
@@ -522,6 +529,11 @@ static int wait_ready(int fd, int events, int64_t deadline)
 	struct zk__worker *w = io_worker();
 	if (!w)
 		return poll_thread(fd, events, deadline);
+	if (w->rt->netpoll) {
+		int rc = zk__netpoll_wait(w->rt->netpoll, fd, events, deadline);
+		if (rc != -ERANGE)
+			return rc == -EPERM ? 0 : rc; /* EPERM: a regular file, always ready */
+	}
 	struct zk__op op;
 	memset(&op, 0, sizeof(op));
 	op.kind = ZK__OP_POLL;
@@ -546,12 +558,16 @@ static int connect_finish(int fd, int64_t deadline)
 	return rc ? rc : connect_outcome(fd);
 }
 
-/* Readiness path: try, wait on EAGAIN, try again.  A read (or recv) that
- * came back short drained the fd, so the next one on it - typically the
- * next request of a connection, not there yet - waits for readiness
- * before it tries: a ping-pong then costs epoll_ctl + epoll_wait + read +
- * write, not also a read that says EAGAIN. */
-static ssize_t op_readiness(struct zk__op *op)
+/* Readiness path: try, wait on EAGAIN, try again.  With the worker's own
+ * (level-triggered, one-shot) epoll set, a read (or recv) that came back
+ * short drained the fd, so the next one on it - typically the next request
+ * of a connection, not there yet - waits for readiness before it tries: a
+ * ping-pong then costs epoll_ctl + epoll_wait + read + write, not also a
+ * read that says EAGAIN.  The shared poller is edge-triggered: there only
+ * an EAGAIN proves the fd drained (two datagrams, or data and the end of
+ * the stream, may come with one edge), so every read tries first
+ * (use_hint 0). */
+static ssize_t op_readiness(struct zk__op *op, int use_hint)
 {
 	int is_sock = op->kind == ZK__OP_RECV || op->kind == ZK__OP_SEND ||
 		      op->kind == ZK__OP_RECVMSG || op->kind == ZK__OP_SENDMSG;
@@ -563,7 +579,8 @@ static ssize_t op_readiness(struct zk__op *op)
 	if (op->kind == ZK__OP_ACCEPT)
 		op->flags |= SOCK_NONBLOCK;
 	_Atomic uint8_t *drained = NULL;
-	if ((op->kind == ZK__OP_RECV || op->kind == ZK__OP_READ) && !(op->flags & MSG_PEEK) &&
+	if (use_hint && (op->kind == ZK__OP_RECV || op->kind == ZK__OP_READ) &&
+	    !(op->flags & MSG_PEEK) &&
 	    op->fd >= 0 && op->fd < NB_FDS && op->len > 0) {
 		drained = &rd_drained[op->fd];
 		/* Not past a deadline: the call must still take what has come. */
@@ -644,6 +661,23 @@ static ssize_t op_try_first(struct zk__op *op)
 	return r;
 }
 
+/* Calls only sockets take: under the shared poller they wait for
+ * readiness there and are then made directly, whatever the backend. */
+static int is_socket_call(int kind)
+{
+	switch (kind) {
+	case ZK__OP_RECV:
+	case ZK__OP_SEND:
+	case ZK__OP_RECVMSG:
+	case ZK__OP_SENDMSG:
+	case ZK__OP_ACCEPT:
+	case ZK__OP_CONNECT:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
 /* Run one call described by op (deadline: the call's own, or
  * ZK__NO_DEADLINE). */
 static ssize_t op_run(struct zk__op *op)
@@ -654,6 +688,9 @@ static ssize_t op_run(struct zk__op *op)
 	if (atomic_load_explicit(&w->current->cancel, memory_order_relaxed))
 		return -ECANCELED;
 	op->deadline = zk__effective_deadline(op->deadline);
+	int hint = w->rt->netpoll == NULL;
+	if (!hint && is_socket_call(op->kind))
+		return op_readiness(op, 0);
 	if (w->driver.vt->completion) {
 		ssize_t r = op_try_first(op);
 		if (r != -EAGAIN)
@@ -678,9 +715,9 @@ static ssize_t op_run(struct zk__op *op)
 			int rc = zk_blocking(op_on_pool, op, &res);
 			return rc ? rc : (ssize_t)(intptr_t)res;
 		}
-		return op_readiness(op);
+		return op_readiness(op, hint);
 	default:
-		return op_readiness(op);
+		return op_readiness(op, hint);
 	}
 }
 
@@ -898,7 +935,9 @@ int zk_accept_timed(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags
 	op.addrlenp = addrlen;
 	op.flags = flags;
 	op.deadline = call_deadline(deadline_ns);
-	return (int)op_run(&op);
+	int nfd = (int)op_run(&op);
+	zk__netpoll_reborn(nfd); /* a new life for the number (no-op if < 0) */
+	return nfd;
 }
 
 int zk_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
@@ -932,6 +971,7 @@ int zk_close(int fd)
 		return -EBADF;
 	/* Forget before the number can be handed out again. */
 	nb_forget(fd);
+	zk__netpoll_reborn(fd);
 	struct zk__op op;
 	op_init(&op, ZK__OP_CLOSE, fd);
 	struct zk__worker *w = io_worker();
@@ -950,6 +990,7 @@ int zk_socket(int domain, int type, int protocol)
 		return -errno;
 	if (nb || (type & SOCK_NONBLOCK))
 		nb_remember(fd);
+	zk__netpoll_reborn(fd);
 	return fd;
 }
 

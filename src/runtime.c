@@ -34,6 +34,19 @@ static int default_workers(void)
 	return n > 0 ? (int)n : 1;
 }
 
+/* Whether sockets wait in the shared poller (zokio.h, enum zk_shared_poll). */
+static int want_shared_poll(const zk_runtime_opts_t *o)
+{
+	if (o->shared_poll == ZK_SHARED_POLL_ON)
+		return 1;
+	if (o->shared_poll == ZK_SHARED_POLL_OFF)
+		return 0;
+	const char *env = getenv("ZOKIO_SHARED_POLL");
+	if (env && *env)
+		return strcmp(env, "0") != 0;
+	return o->workers >= 2;
+}
+
 int zk_runtime_create(zk_runtime_t **out, const zk_runtime_opts_t *opts)
 {
 	if (!out)
@@ -50,6 +63,8 @@ int zk_runtime_create(zk_runtime_t **out, const zk_runtime_opts_t *opts)
 	if (o.workers < 0 || o.workers > ZK__MAX_WORKERS)
 		return -EINVAL;
 	if (o.stack_size > (size_t)1 << 30)
+		return -EINVAL;
+	if (o.shared_poll < ZK_SHARED_POLL_AUTO || o.shared_poll > ZK_SHARED_POLL_OFF)
 		return -EINVAL;
 	const struct zk__driver_vt *vt;
 	int brc = zk__driver_select(o.backend, &vt);
@@ -69,11 +84,19 @@ int zk_runtime_create(zk_runtime_t **out, const zk_runtime_opts_t *opts)
 	rt->opts = o;
 	rt->driver_vt = vt;
 	rt->nworkers = o.workers;
-	int rc = zk__stack_pool_init(&rt->pool, o.stack_size, o.guard == ZK_GUARD_CANARY,
-				     o.stack_cache, o.stack_pool_hwm);
+	int rc = 0;
+	if (want_shared_poll(&o))
+		rc = zk__netpoll_create(&rt->netpoll);
+	if (rc) {
+		free(rt);
+		return rc;
+	}
+	rc = zk__stack_pool_init(&rt->pool, o.stack_size, o.guard == ZK_GUARD_CANARY,
+				 o.stack_cache, o.stack_pool_hwm);
 	if (rc == 0)
 		rc = zk__sched_init(rt);
 	if (rc) {
+		zk__netpoll_destroy(rt->netpoll);
 		free(rt);
 		return rc;
 	}
@@ -85,6 +108,11 @@ int zk_runtime_create(zk_runtime_t **out, const zk_runtime_opts_t *opts)
 const char *zk_runtime_backend(zk_runtime_t *rt)
 {
 	return rt && rt->driver_vt ? rt->driver_vt->name : "";
+}
+
+int zk_runtime_shared_poll(zk_runtime_t *rt)
+{
+	return rt ? rt->netpoll != NULL : -EINVAL;
 }
 
 int zk_runtime_run(zk_runtime_t *rt)
@@ -141,6 +169,7 @@ int zk_runtime_destroy(zk_runtime_t *rt)
 	zk__runtime_registry_remove(rt);
 	zk__sched_fini(rt);
 	zk__stack_pool_destroy(&rt->pool);
+	zk__netpoll_destroy(rt->netpoll);
 	free(rt);
 	return 0;
 }

@@ -79,6 +79,7 @@ struct zk_runtime {
 	/* read-mostly */
 	zk_runtime_opts_t opts;
 	const struct zk__driver_vt *driver_vt; /* backend chosen at create */
+	struct zk__netpoll *netpoll;    /* shared readiness poller, or NULL */
 	int nworkers;
 	struct zk__worker *workers;
 	_Atomic int running;

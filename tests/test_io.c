@@ -2,8 +2,10 @@
  * test_io.c - the I/O layer: drivers, blocking-style calls, deadlines,
  * cancellation, the blocking pool and the net helpers.
  *
- * Every I/O test is a loop test run once per backend (_i = 0: io_uring,
- * 1: epoll); where io_uring cannot be set up its rounds are skipped with a
+ * Every I/O test is a loop test run once per backend and socket-wait mode
+ * (_i % 2 = 0: io_uring, 1: epoll; _i < 2: the default mode, shared poller
+ * at two workers and the worker's own driver at one; _i >= 2: the other way
+ * round); where io_uring cannot be set up its rounds are skipped with a
  * message.  Real sockets on 127.0.0.1 / ::1 only; every wait is bounded.
  */
 #include "config.h"
@@ -17,6 +19,7 @@
 #include <linux/seccomp.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -46,8 +49,11 @@ static const char *backend_names[] = { "io_uring", "epoll" };
  * uninitialised). */
 static int skipped;
 
-static void *run_on(int bi, int workers, zk_fiber_fn fn, void *arg)
+#define ROUNDS 4
+
+static void *run_on(int round, int workers, zk_fiber_fn fn, void *arg)
 {
+	int bi = round % 2;
 	skipped = 0;
 	const char *only = getenv("ZK_TEST_BACKEND");
 	if (only && *only && strcmp(only, backend_names[bi]) != 0) {
@@ -59,6 +65,8 @@ static void *run_on(int bi, int workers, zk_fiber_fn fn, void *arg)
 	zk_runtime_opts_init(&o);
 	o.workers = workers;
 	o.backend = backends[bi];
+	if (round >= 2)
+		o.shared_poll = workers >= 2 ? ZK_SHARED_POLL_OFF : ZK_SHARED_POLL_ON;
 	zk_runtime_t *rt;
 	int rc = zk_runtime_create(&rt, &o);
 	if (rc == -ENOSYS) {
@@ -68,6 +76,7 @@ static void *run_on(int bi, int workers, zk_fiber_fn fn, void *arg)
 	}
 	ck_assert_int_eq(rc, 0);
 	ck_assert_str_eq(zk_runtime_backend(rt), backend_names[bi]);
+	ck_assert_int_eq(zk_runtime_shared_poll(rt), round >= 2 ? workers < 2 : workers >= 2);
 	zk_fiber_t *f;
 	ck_assert_int_eq(zk_spawn_ex(rt, &f, fn, arg, NULL), 0);
 	ck_assert_int_eq(zk_runtime_run(rt), 0);
@@ -1090,6 +1099,124 @@ START_TEST(test_idle_runtime_does_not_spin)
 }
 END_TEST
 
+/* ---- the shared poller --------------------------------------------------- */
+
+START_TEST(test_shared_poll_follows_option_environment_and_workers)
+{
+	struct {
+		int workers, opt;
+		const char *env;
+		int want;
+	} cases[] = {
+		{ 1, ZK_SHARED_POLL_AUTO, NULL, 0 }, { 2, ZK_SHARED_POLL_AUTO, NULL, 1 },
+		{ 2, ZK_SHARED_POLL_AUTO, "0", 0 },  { 1, ZK_SHARED_POLL_AUTO, "1", 1 },
+		{ 1, ZK_SHARED_POLL_ON, "0", 1 },    { 2, ZK_SHARED_POLL_OFF, "1", 0 },
+	};
+	for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+		if (cases[k].env)
+			setenv("ZOKIO_SHARED_POLL", cases[k].env, 1);
+		else
+			unsetenv("ZOKIO_SHARED_POLL");
+		zk_runtime_opts_t o;
+		zk_runtime_opts_init(&o);
+		o.workers = cases[k].workers;
+		o.shared_poll = cases[k].opt;
+		zk_runtime_t *rt;
+		ck_assert_int_eq(zk_runtime_create(&rt, &o), 0);
+		ck_assert_int_eq(zk_runtime_shared_poll(rt), cases[k].want);
+		ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+	}
+	unsetenv("ZOKIO_SHARED_POLL");
+	zk_runtime_opts_t o;
+	zk_runtime_opts_init(&o);
+	o.shared_poll = 3;
+	zk_runtime_t *rt;
+	ck_assert_int_eq(zk_runtime_create(&rt, &o), -EINVAL);
+	ck_assert_int_eq(zk_runtime_shared_poll(NULL), -EINVAL);
+}
+END_TEST
+
+/* A fiber waits for data; then its worker is taken by a fiber that never
+ * yields (as when the kernel preempts that worker's thread).  The data must
+ * still be received, by the other worker, while the hog runs. */
+struct hogged {
+	zk_runtime_t *rt;
+	int sv[2];
+	_Atomic int parked_on;   /* worker index + 1 once about to park */
+	_Atomic int hog_running, got, hog_timed_out;
+};
+
+static void *hogged_recv(void *arg)
+{
+	struct hogged *h = arg;
+	h->rt = zk_runtime_current();
+	atomic_store(&h->parked_on, zk_worker_index() + 1);
+	char c;
+	ck_assert_int_eq(zk_recv(h->sv[0], &c, 1, 0), 1);
+	atomic_store(&h->got, 1);
+	return NULL;
+}
+
+static void *hog(void *arg)
+{
+	struct hogged *h = arg;
+	atomic_store(&h->hog_running, 1);
+	int64_t end = zk_now_ns() + 3000 * 1000000LL;
+	while (!atomic_load(&h->got)) {
+		if (zk_now_ns() > end) {
+			atomic_store(&h->hog_timed_out, 1);
+			break;
+		}
+	}
+	return NULL;
+}
+
+static void *hogged_driver(void *arg)
+{
+	struct hogged *h = arg;
+	while (!atomic_load(&h->parked_on))
+		usleep(1000);
+	usleep(20000); /* let it park */
+	int idx = atomic_load(&h->parked_on) - 1;
+	ck_assert_int_eq(zk_spawn_on(h->rt, idx, NULL, hog, h, NULL), 0);
+	while (!atomic_load(&h->hog_running))
+		usleep(1000);
+	ck_assert_int_eq(send(h->sv[1], "x", 1, 0), 1);
+	return NULL;
+}
+
+START_TEST(test_shared_poll_serves_a_busy_workers_sockets)
+{
+	static struct hogged h;
+	memset(&h, 0, sizeof(h));
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, h.sv), 0);
+	zk_runtime_opts_t o;
+	zk_runtime_opts_init(&o);
+	o.workers = 2;
+	o.backend = backends[_i];
+	o.shared_poll = ZK_SHARED_POLL_ON;
+	zk_runtime_t *rt;
+	int rc = zk_runtime_create(&rt, &o);
+	if (rc == -ENOSYS) {
+		fprintf(stderr, "test_io: %s unavailable here: skipped\n", backend_names[_i]);
+		close(h.sv[0]);
+		close(h.sv[1]);
+		return;
+	}
+	ck_assert_int_eq(rc, 0);
+	ck_assert_int_eq(zk_spawn_ex(rt, NULL, hogged_recv, &h, NULL), 0);
+	pthread_t t;
+	ck_assert_int_eq(pthread_create(&t, NULL, hogged_driver, &h), 0);
+	ck_assert_int_eq(zk_runtime_run(rt), 0);
+	pthread_join(t, NULL);
+	ck_assert_int_eq(zk_runtime_destroy(rt), 0);
+	ck_assert_int_eq(atomic_load(&h.got), 1);
+	ck_assert_msg(!atomic_load(&h.hog_timed_out), "the data waited for the busy worker");
+	close(h.sv[0]);
+	close(h.sv[1]);
+}
+END_TEST
+
 static void *plain_thread_io(void *arg)
 {
 	int sv[2];
@@ -1180,31 +1307,34 @@ static Suite *io_suite(void)
 	tcase_add_test(tc, test_calls_outside_a_fiber_just_block);
 	tcase_add_test(tc, test_timed_calls_outside_a_fiber_time_out);
 	tcase_add_test(tc, test_auto_falls_back_to_epoll_when_io_uring_setup_is_refused);
-	tcase_add_loop_test(tc, test_large_transfer_is_byte_exact, 0, 2);
-	tcase_add_loop_test(tc, test_peer_reset_mid_read_gives_econnreset, 0, 2);
-	tcase_add_loop_test(tc, test_peer_vanishing_mid_write_gives_epipe_not_sigpipe, 0, 2);
-	tcase_add_loop_test(tc, test_half_close_still_delivers_the_reply, 0, 2);
-	tcase_add_loop_test(tc, test_connect_refused_gives_econnrefused, 0, 2);
-	tcase_add_loop_test(tc, test_accept_under_emfile_recovers, 0, 2);
-	tcase_add_loop_test(tc, test_deadline_ends_every_kind_of_parked_operation, 0, 2);
-	tcase_add_loop_test(tc, test_cancel_ends_every_kind_of_parked_operation, 0, 2);
-	tcase_add_loop_test(tc, test_cancelled_fiber_gets_ecanceled_from_later_calls, 0, 2);
-	tcase_add_loop_test(tc, test_timed_variants_time_out_every_kind_of_parked_operation, 0, 2);
-	tcase_add_loop_test(tc, test_timed_call_and_fiber_deadline_combine_earlier_wins, 0, 2);
-	tcase_add_loop_test(tc, test_timed_out_call_loses_no_data_and_leaves_nothing_armed, 0, 2);
-	tcase_add_loop_test(tc, test_udp_round_trip, 0, 2);
-	tcase_add_loop_test(tc, test_unix_socket_round_trip, 0, 2);
-	tcase_add_loop_test(tc, test_ipv6_listen_and_connect, 0, 2);
-	tcase_add_loop_test(tc, test_files_open_pread_pwrite_fsync, 0, 2);
-	tcase_add_loop_test(tc, test_blocking_pool_runs_in_parallel_and_returns_results, 0, 2);
-	tcase_add_loop_test(tc, test_idle_runtime_does_not_spin, 0, 2);
-	tcase_add_loop_test(tc, test_ten_thousand_concurrent_connections, 0, 2);
+	tcase_add_loop_test(tc, test_large_transfer_is_byte_exact, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_peer_reset_mid_read_gives_econnreset, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_peer_vanishing_mid_write_gives_epipe_not_sigpipe, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_half_close_still_delivers_the_reply, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_connect_refused_gives_econnrefused, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_accept_under_emfile_recovers, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_deadline_ends_every_kind_of_parked_operation, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_cancel_ends_every_kind_of_parked_operation, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_cancelled_fiber_gets_ecanceled_from_later_calls, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_timed_variants_time_out_every_kind_of_parked_operation, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_timed_call_and_fiber_deadline_combine_earlier_wins, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_timed_out_call_loses_no_data_and_leaves_nothing_armed, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_udp_round_trip, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_unix_socket_round_trip, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_ipv6_listen_and_connect, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_files_open_pread_pwrite_fsync, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_blocking_pool_runs_in_parallel_and_returns_results, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_idle_runtime_does_not_spin, 0, ROUNDS);
+	tcase_add_test(tc, test_shared_poll_follows_option_environment_and_workers);
+	tcase_add_loop_test(tc, test_shared_poll_serves_a_busy_workers_sockets, 0, 2);
+	tcase_add_loop_test(tc, test_ten_thousand_concurrent_connections, 0, ROUNDS);
 	suite_add_tcase(s, tc);
 	return s;
 }
 
 int main(void)
 {
+	unsetenv("ZOKIO_SHARED_POLL"); /* the rounds choose the mode */
 	SRunner *sr = srunner_create(io_suite());
 	srunner_run_all(sr, CK_NORMAL);
 	int failed = srunner_ntests_failed(sr);
