@@ -619,6 +619,35 @@ static int fire_timers(struct zk__worker *w)
 	return zk__timers_fire(&w->timers, zk__now());
 }
 
+static zk_fiber_t *steal_from(struct zk__worker *w, struct zk__worker *v);
+
+/* A busy worker steals only from a worker that has stopped running fibers
+ * with some queued: one the kernel has preempted (other threads share its
+ * CPU) or that runs one long fiber.  Idle workers steal anyway; this is
+ * for when every other worker is busy, which is exactly when the queued
+ * fibers would otherwise wait for the stalled one's next time slice (a
+ * whole scheduler tick: 4 ms at HZ=250).  Called once per fairness round;
+ * watches one other worker at a time, in turn. */
+#define ZK__RESCUE_NS 100000
+static zk_fiber_t *rescue_steal(struct zk__worker *w, int64_t now)
+{
+	zk_runtime_t *rt = w->rt;
+	struct zk__worker *v = &rt->workers[w->rescue_victim];
+	uint64_t runs = atomic_load_explicit(&v->st_run, memory_order_relaxed);
+	if (v == w || runs != w->rescue_seen || zk__deque_size(&v->dq) == 0) {
+		/* moving (or nothing to take): watch the next one */
+		w->rescue_victim = (w->rescue_victim + 1) % rt->nworkers;
+		w->rescue_seen = atomic_load_explicit(&rt->workers[w->rescue_victim].st_run,
+						      memory_order_relaxed);
+		w->rescue_since = now;
+		return NULL;
+	}
+	if (now - w->rescue_since < ZK__RESCUE_NS)
+		return NULL;
+	w->rescue_since = now;
+	return steal_from(w, v);
+}
+
 static zk_fiber_t *pick(struct zk__worker *w)
 {
 	zk_fiber_t *f;
@@ -631,7 +660,9 @@ static zk_fiber_t *pick(struct zk__worker *w)
 	if (++w->tick % ZK__FAIR_TICK == 0) {
 		/* A busy worker flushes its batched submissions once per
 		 * fairness round too (and now and then reaps: driver.h). */
-		zk__driver_tick(&w->driver);
+		int64_t now = zk__driver_tick(&w->driver);
+		if (w->rt->nworkers > 1 && (f = rescue_steal(w, now)))
+			return f;
 		/* alternate which of the two starvable queues goes first */
 		if ((w->tick / ZK__FAIR_TICK) & 1) {
 			if ((f = fifo_pop(&w->local)) || (f = injector_pop(w)))

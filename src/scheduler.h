@@ -58,6 +58,11 @@ struct zk__worker {
 	 * idle workers to see whether everything ended (all_ended). */
 	_Atomic uint64_t n_spawned, n_ended;
 	uint64_t ended_checked;         /* n_ended at our last all_ended() look */
+	/* rescue_steal: the worker being watched, its st_run when last seen
+	 * to change, and when that was. */
+	int rescue_victim;
+	uint64_t rescue_seen;
+	int64_t rescue_since;
 
 	/* Fibers that may not migrate, woken by another thread: a lock-free
 	 * stack pushed by anyone, emptied by the owner. */
