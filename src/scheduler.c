@@ -626,25 +626,32 @@ static zk_fiber_t *steal_from(struct zk__worker *w, struct zk__worker *v);
  * CPU) or that runs one long fiber.  Idle workers steal anyway; this is
  * for when every other worker is busy, which is exactly when the queued
  * fibers would otherwise wait for the stalled one's next time slice (a
- * whole scheduler tick: 4 ms at HZ=250).  Called once per fairness round;
- * watches one other worker at a time, in turn. */
-#define ZK__RESCUE_NS 100000
-static zk_fiber_t *rescue_steal(struct zk__worker *w, int64_t now)
+ * whole scheduler tick: 4 ms at HZ=250).  Called every 16th pick; watches
+ * one other worker at a time, in turn, and reads the clock only while the
+ * one it watches looks stalled. */
+#define ZK__RESCUE_NS 50000
+static zk_fiber_t *rescue_steal(struct zk__worker *w)
 {
 	zk_runtime_t *rt = w->rt;
 	struct zk__worker *v = &rt->workers[w->rescue_victim];
 	uint64_t runs = atomic_load_explicit(&v->st_run, memory_order_relaxed);
 	if (v == w || runs != w->rescue_seen || zk__deque_size(&v->dq) == 0) {
 		/* moving (or nothing to take): watch the next one */
-		w->rescue_victim = (w->rescue_victim + 1) % rt->nworkers;
-		w->rescue_seen = atomic_load_explicit(&rt->workers[w->rescue_victim].st_run,
-						      memory_order_relaxed);
-		w->rescue_since = now;
+		int next = (w->rescue_victim + 1) % rt->nworkers;
+		if (next == w->index)
+			next = (next + 1) % rt->nworkers;
+		w->rescue_victim = next;
+		w->rescue_seen = atomic_load_explicit(&rt->workers[next].st_run, memory_order_relaxed);
+		w->rescue_since = 0;
 		return NULL;
 	}
-	if (now - w->rescue_since < ZK__RESCUE_NS)
+	int64_t now = zk__now();
+	if (w->rescue_since == 0 || now - w->rescue_since < ZK__RESCUE_NS) {
+		if (w->rescue_since == 0)
+			w->rescue_since = now;
 		return NULL;
-	w->rescue_since = now;
+	}
+	w->rescue_since = now; /* still stalled: the next steal in as long */
 	return steal_from(w, v);
 }
 
@@ -655,14 +662,17 @@ static zk_fiber_t *pick(struct zk__worker *w)
 		drain_inbox(w);
 	/* A busy worker looks at its timers every 16th pick; an idle one
 	 * always does before it steals or sleeps (find_work). */
-	if ((w->tick & 15) == 15)
+	if ((w->tick & 15) == 15) {
 		fire_timers(w);
+		if (w->rt->nworkers > 1 && (f = rescue_steal(w))) {
+			w->tick++;
+			return f;
+		}
+	}
 	if (++w->tick % ZK__FAIR_TICK == 0) {
 		/* A busy worker flushes its batched submissions once per
 		 * fairness round too (and now and then reaps: driver.h). */
-		int64_t now = zk__driver_tick(&w->driver);
-		if (w->rt->nworkers > 1 && (f = rescue_steal(w, now)))
-			return f;
+		zk__driver_tick(&w->driver);
 		/* alternate which of the two starvable queues goes first */
 		if ((w->tick / ZK__FAIR_TICK) & 1) {
 			if ((f = fifo_pop(&w->local)) || (f = injector_pop(w)))
