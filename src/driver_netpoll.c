@@ -82,10 +82,9 @@ struct zk__netpoll {
 
 int zk__netpoll_create(struct zk__netpoll **out)
 {
-	struct zk__netpoll *np = aligned_alloc(64, sizeof(*np));
+	struct zk__netpoll *np = calloc(1, sizeof(*np));
 	if (!np)
 		return -ENOMEM;
-	memset(np, 0, sizeof(*np));
 	np->epfd = epoll_create1(EPOLL_CLOEXEC);
 	if (np->epfd < 0) {
 		int rc = -errno;
