@@ -168,9 +168,10 @@ int zk__netpoll_wait(struct zk__netpoll *np, int fd, int events, int64_t deadlin
 /* Any worker: wake the fibers of every fd that is ready now.  Returns how
  * many were woken (onto the calling worker). */
 int zk__netpoll_harvest(struct zk__netpoll *np);
-/* fd was just created through Zokio, or is about to be closed: what every
- * poller remembers of the number is for its old life.  Any thread. */
-void zk__netpoll_reborn(int fd);
+/* fd was just created through Zokio (ours = 1: it is closed with zk_close,
+ * so it may be registered once), or is about to be closed (ours = 0): what
+ * every poller remembers of the number is for its old life.  Any thread. */
+void zk__netpoll_reborn(int fd, int ours);
 
 /* ---- the common half (io.c) ------------------------------------------- */
 

@@ -16,24 +16,28 @@
  * The call itself is then made directly, as under epoll.  Go's netpoller
  * and Tokio's I/O driver share readiness the same way.
  *
- * Registration is edge-triggered and made once per fd: a wait costs no
- * epoll_ctl.  An event that finds no waiter of its direction is kept as a
- * ready bit, which the next wait in that direction consumes instead of
- * parking, so an edge that comes between a call's EAGAIN and its wait is
- * never lost (a bit left over from before the call costs one retry that
- * says EAGAIN again).  The slot forgets the registration when the fd is
- * born through Zokio (zk_socket, zk_accept) and when it is closed with
- * zk_close: that is the rule zokio.h already sets, since a plain close()
- * lets the number be reused behind our back.  Waiters are kept per fd and
- * direction, in a table indexed by fd, each under its own lock (a lock shared by
- * several fds would let a worker preempted while holding it stall the others'
- * harvests).  A
- * waiter lives on its fiber's stack and is parked cancellably with the
- * fiber's deadline (zk__park_until): no kernel operation is in flight, so
- * a timeout or a cancel may wake it directly.  The lock makes that safe: a
- * harvester unlinks a waiter and unparks its fiber while holding it, and a
- * fiber woken any other way unlinks itself under it before it returns.  So
- * a harvester never touches a waiter that is gone, nor wakes a fiber that
+ * Registration comes in two kinds, chosen per life of an fd number.
+ *   Once, edge-triggered: for sockets born through Zokio (zk_socket,
+ *   zk_accept), until zk_close - the rule zokio.h sets, since a plain
+ *   close() lets the number be reused behind our back.  A wait then costs
+ *   no epoll_ctl.  An edge that finds no waiter of its direction is kept as
+ *   a ready bit, which the next wait in that direction consumes instead of
+ *   parking, so an edge that comes between a call's EAGAIN and its wait is
+ *   never lost (a bit left over from before the call costs one retry that
+ *   says EAGAIN again).
+ *   One-shot, re-armed per wait: for every other fd (zk_wait_readable on a
+ *   foreign fd, the hook library's waits), whose number may be closed and
+ *   reused without our knowing.  One epoll_ctl per wait, and the set never
+ *   holds a registration we would trust wrongly (as in driver_epoll.c).
+ * Waiters are kept per fd and direction, in a table indexed by fd, each
+ * slot under its own lock (a lock shared by several fds would let a worker
+ * preempted while holding it stall the others' harvests).  A waiter lives
+ * on its fiber's stack and is parked cancellably with the fiber's deadline
+ * (zk__park_until): no kernel operation is in flight, so a timeout or a
+ * cancel may wake it directly.  The lock makes that safe: a harvester
+ * unlinks a waiter and unparks its fiber while holding it, and a fiber
+ * woken any other way unlinks itself under it before it returns.  So a
+ * harvester never touches a waiter that is gone, nor wakes a fiber that
  * has moved on to another park.
  */
 #include "config.h"
@@ -67,12 +71,13 @@ struct np_slot {
 	pthread_mutex_t lock;
 	struct np_waiter *rd, *wr;
 	uint32_t gen;                  /* the fd's life (fd_gen) it describes */
+	uint8_t edge;                  /* that life registers once, edge-triggered */
 	uint8_t registered;            /* in the epoll set in that life */
-	uint8_t rd_ready, wr_ready;    /* an edge came while nobody waited */
+	uint8_t rd_ready, wr_ready;    /* edge: an edge came while nobody waited */
 };
 
 /* Lives of fd numbers, process-wide (every runtime's poller looks):
- * zk__netpoll_reborn starts a new one. */
+ * zk__netpoll_reborn starts a new one; bit 0 set: born through Zokio. */
 static _Atomic uint32_t fd_gen[NP__MAX_FD];
 
 struct zk__netpoll {
@@ -136,17 +141,32 @@ static struct np_slot *slot_of(struct zk__netpoll *np, int fd, int create)
 	return page ? &page[fd & (NP__PAGE - 1)] : NULL;
 }
 
-/* Put fd in the epoll set for both directions, once (under its lock). */
-static int slot_register(struct zk__netpoll *np, struct np_slot *s, int fd)
+/* Register fd, or re-arm it (under its lock): edge-triggered for both
+ * directions once per life, or one-shot for what its waiters want now. */
+static int slot_arm(struct zk__netpoll *np, struct np_slot *s, int fd)
 {
-	if (s->registered)
-		return 0;
-	struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
-				  .data.u64 = (uint64_t)fd };
-	if (epoll_ctl(np->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
-		/* EEXIST: the same file under this number, registered before
-		 * the slot was reset (a dup of it is still open) */
-		if (errno != EEXIST || epoll_ctl(np->epfd, EPOLL_CTL_MOD, fd, &ev) != 0)
+	struct epoll_event ev = { .data.u64 = (uint64_t)fd };
+	if (s->edge) {
+		if (s->registered)
+			return 0;
+		ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+	} else {
+		ev.events = (s->rd ? EPOLLIN | EPOLLRDHUP : 0) | (s->wr ? EPOLLOUT : 0);
+		if (!ev.events)
+			return 0;
+		ev.events |= EPOLLONESHOT;
+	}
+	int op = s->registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+	if (epoll_ctl(np->epfd, op, fd, &ev) != 0) {
+		/* The set and the slot disagree: registered in an earlier life
+		 * (a dup of that file is still open), or the fd was closed. */
+		if (errno == EEXIST)
+			op = EPOLL_CTL_MOD;
+		else if (errno == ENOENT)
+			op = EPOLL_CTL_ADD;
+		else
+			return -errno;
+		if (epoll_ctl(np->epfd, op, fd, &ev) != 0)
 			return -errno;
 	}
 	s->registered = 1;
@@ -183,18 +203,25 @@ static int np_publish(zk_fiber_t *self, void *arg)
 	uint32_t gen = atomic_load_explicit(&fd_gen[wt->fd], memory_order_relaxed);
 	if (s->gen != gen) { /* a new life: nothing known of it yet */
 		s->gen = gen;
+		s->edge = gen & 1;
 		s->registered = s->rd_ready = s->wr_ready = 0;
 	}
 	uint8_t *ready = (wt->events & POLLOUT) ? &s->wr_ready : &s->rd_ready;
 	int rc = 1; /* resume at once */
 	if (*ready) {
 		*ready = 0; /* an edge came since the call: retry it */
-	} else if ((wt->err = slot_register(np, s, wt->fd)) == 0) {
+	} else {
 		struct np_waiter **head = list_of(s, wt->events);
 		wt->next = *head;
 		*head = wt;
 		wt->linked = 1;
-		rc = 0;
+		wt->err = slot_arm(np, s, wt->fd);
+		if (wt->err == 0) {
+			rc = 0;
+		} else {
+			list_remove(head, wt);
+			wt->linked = 0;
+		}
 	}
 	pthread_mutex_unlock(&s->lock);
 	return rc;
@@ -254,25 +281,31 @@ static int np_event(struct zk__netpoll *np, int fd, uint32_t e)
 	if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
 		if (s->rd)
 			woken += wake_list(&s->rd);
-		else
+		else if (s->edge)
 			s->rd_ready = 1;
 	}
 	if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
 		if (s->wr)
 			woken += wake_list(&s->wr);
-		else
+		else if (s->edge)
 			s->wr_ready = 1;
+	}
+	/* One-shot: whoever still waits needs the fd armed again. */
+	if (!s->edge && (s->rd || s->wr) && slot_arm(np, s, fd) != 0) {
+		woken += wake_list(&s->rd); /* they retry, and see the error */
+		woken += wake_list(&s->wr);
 	}
 	pthread_mutex_unlock(&s->lock);
 	return woken;
 }
 
-void zk__netpoll_reborn(int fd)
+void zk__netpoll_reborn(int fd, int ours)
 {
-	if (fd >= 0 && fd < NP__MAX_FD)
-		atomic_fetch_add_explicit(&fd_gen[fd], 1, memory_order_relaxed);
+	if (fd < 0 || fd >= NP__MAX_FD)
+		return;
+	uint32_t g = atomic_load_explicit(&fd_gen[fd], memory_order_relaxed);
+	atomic_store_explicit(&fd_gen[fd], ((g | 1) + 1) | (ours ? 1u : 0u), memory_order_relaxed);
 }
-
 
 int zk__netpoll_harvest(struct zk__netpoll *np)
 {

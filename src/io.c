@@ -936,7 +936,7 @@ int zk_accept_timed(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags
 	op.flags = flags;
 	op.deadline = call_deadline(deadline_ns);
 	int nfd = (int)op_run(&op);
-	zk__netpoll_reborn(nfd); /* a new life for the number (no-op if < 0) */
+	zk__netpoll_reborn(nfd, 1); /* a new life for the number (no-op if < 0) */
 	return nfd;
 }
 
@@ -971,7 +971,7 @@ int zk_close(int fd)
 		return -EBADF;
 	/* Forget before the number can be handed out again. */
 	nb_forget(fd);
-	zk__netpoll_reborn(fd);
+	zk__netpoll_reborn(fd, 0);
 	struct zk__op op;
 	op_init(&op, ZK__OP_CLOSE, fd);
 	struct zk__worker *w = io_worker();
@@ -990,7 +990,7 @@ int zk_socket(int domain, int type, int protocol)
 		return -errno;
 	if (nb || (type & SOCK_NONBLOCK))
 		nb_remember(fd);
-	zk__netpoll_reborn(fd);
+	zk__netpoll_reborn(fd, 1);
 	return fd;
 }
 
