@@ -168,10 +168,17 @@ int zk__netpoll_wait(struct zk__netpoll *np, int fd, int events, int64_t deadlin
 /* Any worker: wake the fibers of every fd that is ready now.  Returns how
  * many were woken (onto the calling worker). */
 int zk__netpoll_harvest(struct zk__netpoll *np);
-/* fd was just created through Zokio (ours = 1: it is closed with zk_close,
- * so it may be registered once), or is about to be closed (ours = 0): what
- * every poller remembers of the number is for its old life.  Any thread. */
-void zk__netpoll_reborn(int fd, int ours);
+/* fd was just created through Zokio (flags ZK__NP_OURS: it is closed with
+ * zk_close, so it may be registered once; ZK__NP_STREAM: a stream socket,
+ * whose short read proves it drained), or is about to be closed (flags 0):
+ * what every poller remembers of the number is for its old life.  Any
+ * thread. */
+#define ZK__NP_OURS 1
+#define ZK__NP_STREAM 2
+#define ZK__NP_FLAGS 3
+void zk__netpoll_reborn(int fd, int flags);
+/* The ZK__NP_* flags of fd's current life. */
+int zk__netpoll_flags(int fd);
 
 /* ---- the common half (io.c) ------------------------------------------- */
 

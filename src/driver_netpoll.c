@@ -24,7 +24,10 @@
  *   a ready bit, which the next wait in that direction consumes instead of
  *   parking, so an edge that comes between a call's EAGAIN and its wait is
  *   never lost (a bit left over from before the call costs one retry that
- *   says EAGAIN again).
+ *   says EAGAIN again).  A hang-up or error is kept for good: a stream
+ *   socket's reader skips the EAGAIN read after a short one (io.c), so the
+ *   end of the stream, which may come with the same edge as the last data,
+ *   must not be waited for again.
  *   One-shot, re-armed per wait: for every other fd (zk_wait_readable on a
  *   foreign fd, the hook library's waits), whose number may be closed and
  *   reused without our knowing.  One epoll_ctl per wait, and the set never
@@ -74,10 +77,12 @@ struct np_slot {
 	uint8_t edge;                  /* that life registers once, edge-triggered */
 	uint8_t registered;            /* in the epoll set in that life */
 	uint8_t rd_ready, wr_ready;    /* edge: an edge came while nobody waited */
+	uint8_t rd_end, wr_end;        /* edge: hang-up or error seen: ready for good */
 };
 
 /* Lives of fd numbers, process-wide (every runtime's poller looks):
- * zk__netpoll_reborn starts a new one; bit 0 set: born through Zokio. */
+ * zk__netpoll_reborn starts a new one; the low bits are its ZK__NP_*
+ * flags, the rest counts lives. */
 static _Atomic uint32_t fd_gen[NP__MAX_FD];
 
 struct zk__netpoll {
@@ -203,12 +208,13 @@ static int np_publish(zk_fiber_t *self, void *arg)
 	uint32_t gen = atomic_load_explicit(&fd_gen[wt->fd], memory_order_relaxed);
 	if (s->gen != gen) { /* a new life: nothing known of it yet */
 		s->gen = gen;
-		s->edge = gen & 1;
-		s->registered = s->rd_ready = s->wr_ready = 0;
+		s->edge = (gen & ZK__NP_OURS) != 0;
+		s->registered = s->rd_ready = s->wr_ready = s->rd_end = s->wr_end = 0;
 	}
-	uint8_t *ready = (wt->events & POLLOUT) ? &s->wr_ready : &s->rd_ready;
+	int out = (wt->events & POLLOUT) != 0;
+	uint8_t *ready = out ? &s->wr_ready : &s->rd_ready;
 	int rc = 1; /* resume at once */
-	if (*ready) {
+	if (*ready || (out ? s->wr_end : s->rd_end)) {
 		*ready = 0; /* an edge came since the call: retry it */
 	} else {
 		struct np_waiter **head = list_of(s, wt->events);
@@ -290,6 +296,13 @@ static int np_event(struct zk__netpoll *np, int fd, uint32_t e)
 		else if (s->edge)
 			s->wr_ready = 1;
 	}
+	/* The end of the stream (or an error) comes with one edge, maybe the
+	 * same as the last data's: a read that then returns only that data
+	 * must still not wait for another (io.c's drained hint). */
+	if (s->edge && (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+		s->rd_end = 1;
+	if (s->edge && (e & (EPOLLHUP | EPOLLERR)))
+		s->wr_end = 1;
 	/* One-shot: whoever still waits needs the fd armed again. */
 	if (!s->edge && (s->rd || s->wr) && slot_arm(np, s, fd) != 0) {
 		woken += wake_list(&s->rd); /* they retry, and see the error */
@@ -299,12 +312,20 @@ static int np_event(struct zk__netpoll *np, int fd, uint32_t e)
 	return woken;
 }
 
-void zk__netpoll_reborn(int fd, int ours)
+void zk__netpoll_reborn(int fd, int flags)
 {
 	if (fd < 0 || fd >= NP__MAX_FD)
 		return;
 	uint32_t g = atomic_load_explicit(&fd_gen[fd], memory_order_relaxed);
-	atomic_store_explicit(&fd_gen[fd], ((g | 1) + 1) | (ours ? 1u : 0u), memory_order_relaxed);
+	g = ((g & ~(uint32_t)ZK__NP_FLAGS) + ZK__NP_FLAGS + 1) | ((uint32_t)flags & ZK__NP_FLAGS);
+	atomic_store_explicit(&fd_gen[fd], g, memory_order_relaxed);
+}
+
+int zk__netpoll_flags(int fd)
+{
+	if (fd < 0 || fd >= NP__MAX_FD)
+		return 0;
+	return (int)(atomic_load_explicit(&fd_gen[fd], memory_order_relaxed) & ZK__NP_FLAGS);
 }
 
 int zk__netpoll_harvest(struct zk__netpoll *np)

@@ -563,10 +563,11 @@ static int connect_finish(int fd, int64_t deadline)
  * short drained the fd, so the next one on it - typically the next request
  * of a connection, not there yet - waits for readiness before it tries: a
  * ping-pong then costs epoll_ctl + epoll_wait + read + write, not also a
- * read that says EAGAIN.  The shared poller is edge-triggered: there only
- * an EAGAIN proves the fd drained (two datagrams, or data and the end of
- * the stream, may come with one edge), so every read tries first
- * (use_hint 0). */
+ * read that says EAGAIN.  The shared poller is edge-triggered: there a
+ * short read proves the fd drained only for a stream socket, and only
+ * because the poller keeps a hang-up for good (data and the end of the
+ * stream may come with one edge); two datagrams may too, so every other
+ * fd's read tries first (use_hint 0). */
 static ssize_t op_readiness(struct zk__op *op, int use_hint)
 {
 	int is_sock = op->kind == ZK__OP_RECV || op->kind == ZK__OP_SEND ||
@@ -688,9 +689,9 @@ static ssize_t op_run(struct zk__op *op)
 	if (atomic_load_explicit(&w->current->cancel, memory_order_relaxed))
 		return -ECANCELED;
 	op->deadline = zk__effective_deadline(op->deadline);
-	int hint = w->rt->netpoll == NULL;
-	if (!hint && is_socket_call(op->kind))
-		return op_readiness(op, 0);
+	int hint = w->rt->netpoll == NULL || (zk__netpoll_flags(op->fd) & ZK__NP_STREAM);
+	if (w->rt->netpoll && is_socket_call(op->kind))
+		return op_readiness(op, hint);
 	if (w->driver.vt->completion) {
 		ssize_t r = op_try_first(op);
 		if (r != -EAGAIN)
@@ -936,7 +937,8 @@ int zk_accept_timed(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags
 	op.flags = flags;
 	op.deadline = call_deadline(deadline_ns);
 	int nfd = (int)op_run(&op);
-	zk__netpoll_reborn(nfd, 1); /* a new life for the number (no-op if < 0) */
+	/* a new life for the number (no-op if < 0), of the listener's kind */
+	zk__netpoll_reborn(nfd, ZK__NP_OURS | (zk__netpoll_flags(fd) & ZK__NP_STREAM));
 	return nfd;
 }
 
@@ -990,7 +992,7 @@ int zk_socket(int domain, int type, int protocol)
 		return -errno;
 	if (nb || (type & SOCK_NONBLOCK))
 		nb_remember(fd);
-	zk__netpoll_reborn(fd, 1);
+	zk__netpoll_reborn(fd, ZK__NP_OURS | ((type & 0xf) == SOCK_STREAM ? ZK__NP_STREAM : 0));
 	return fd;
 }
 

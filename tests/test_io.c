@@ -1101,6 +1101,56 @@ END_TEST
 
 /* ---- the shared poller --------------------------------------------------- */
 
+/* Data and the end of the stream sent back to back often reach the shared
+ * poller as one edge; the read that returns the data is short, and the
+ * next one (which does not try before it waits) must still see the end. */
+#define EOF_ROUNDS 200
+
+static void *eof_client(void *arg)
+{
+	int port = (int)(intptr_t)arg;
+	for (int i = 0; i < EOF_ROUNDS; i++) {
+		int fd = zk_tcp_connect("127.0.0.1", port);
+		ck_assert_int_ge(fd, 0);
+		zk_sleep_ns(200 * 1000); /* let the server park in its read */
+		ck_assert_int_eq(zk_send(fd, "abc", 3, 0), 3);
+		ck_assert_int_eq(zk_shutdown(fd, SHUT_WR), 0);
+		char c;
+		ck_assert_int_eq(zk_recv(fd, &c, 1, 0), 0); /* the server's close */
+		zk_close(fd);
+	}
+	return NULL;
+}
+
+static void *eof_main(void *arg)
+{
+	(void)arg;
+	int port, lfd = listen_any(&port);
+	zk_fiber_t *cl;
+	ck_assert_int_eq(zk_spawn(&cl, eof_client, (void *)(intptr_t)port), 0);
+	for (int i = 0; i < EOF_ROUNDS; i++) {
+		int c = zk_accept(lfd, NULL, NULL, SOCK_CLOEXEC);
+		ck_assert_int_ge(c, 0);
+		char buf[64];
+		size_t got = 0;
+		ssize_t r;
+		while ((r = zk_recv_timed(c, buf, sizeof(buf), 0, zk_now_ns() + 3000 * 1000000LL)) > 0)
+			got += (size_t)r;
+		ck_assert_msg(r == 0, "round %d: read ended with %zd, not the end of the stream", i, r);
+		ck_assert_uint_eq(got, 3);
+		zk_close(c);
+	}
+	ck_assert_int_eq(zk_join(cl, NULL), 0);
+	zk_close(lfd);
+	return NULL;
+}
+
+START_TEST(test_end_of_stream_after_data_is_seen)
+{
+	run_on(_i, 2, eof_main, NULL);
+}
+END_TEST
+
 START_TEST(test_shared_poll_follows_option_environment_and_workers)
 {
 	struct {
@@ -1325,6 +1375,7 @@ static Suite *io_suite(void)
 	tcase_add_loop_test(tc, test_files_open_pread_pwrite_fsync, 0, ROUNDS);
 	tcase_add_loop_test(tc, test_blocking_pool_runs_in_parallel_and_returns_results, 0, ROUNDS);
 	tcase_add_loop_test(tc, test_idle_runtime_does_not_spin, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_end_of_stream_after_data_is_seen, 0, ROUNDS);
 	tcase_add_test(tc, test_shared_poll_follows_option_environment_and_workers);
 	tcase_add_loop_test(tc, test_shared_poll_serves_a_busy_workers_sockets, 0, 2);
 	tcase_add_loop_test(tc, test_ten_thousand_concurrent_connections, 0, ROUNDS);
