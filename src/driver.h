@@ -204,7 +204,7 @@ void zk__driver_wake(struct zk__driver *d);
  * starved by fibers that never stop running. */
 #define ZK__DRIVER_REAP_TICKS 16
 #define ZK__DRIVER_REAP_NS 5000000
-int64_t zk__driver_tick(struct zk__driver *d); /* returns zk__now() */
+void zk__driver_tick(struct zk__driver *d);
 /* vt->flush() if the backend batches submissions (owner only). */
 static inline void zk__driver_flush(struct zk__driver *d)
 {

@@ -139,12 +139,12 @@ int zk__driver_poll(struct zk__driver *d, int64_t timeout_ns)
 	return woken;
 }
 
-int64_t zk__driver_tick(struct zk__driver *d)
+void zk__driver_tick(struct zk__driver *d)
 {
+	if (!d->impl)
+		return;
 	/* the clock is read once per tick, i.e. every ~60 picks */
 	int64_t now = zk__now();
-	if (!d->impl)
-		return now;
 	if (d->ticks++ == 0)
 		d->polled_at = now;
 	if (d->ticks >= ZK__DRIVER_REAP_TICKS || now - d->polled_at >= ZK__DRIVER_REAP_NS ||
@@ -152,7 +152,6 @@ int64_t zk__driver_tick(struct zk__driver *d)
 		zk__driver_poll(d, 0);
 	else if (d->vt->flush)
 		d->vt->flush(d);
-	return now;
 }
 
 void zk__op_complete(struct zk__driver *d, struct zk__op *op, int res)
