@@ -143,6 +143,12 @@ struct zk__driver {
 };
 
 extern const struct zk__driver_vt zk__driver_epoll;
+/* Add fd to the epoll set epfd, or modify it if registered, with *ev;
+ * recovers when the caller's idea of "registered" is stale (the fd was
+ * closed and its number reused).  0 or -errno.  For the two epoll-based
+ * files, driver_epoll.c and driver_netpoll.c. */
+struct epoll_event;
+int zk__epoll_set(int epfd, int fd, struct epoll_event *ev, int registered);
 #ifdef HAVE_LIBURING
 extern const struct zk__driver_vt zk__driver_uring;
 /* 0 if an io_uring can be set up here, else the negative errno. */

@@ -88,6 +88,23 @@ static struct ep_slot *slot_get(struct ep *ep, int fd)
 	return &ep->slots[fd];
 }
 
+int zk__epoll_set(int epfd, int fd, struct epoll_event *ev, int registered)
+{
+	int op = registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+	if (epoll_ctl(epfd, op, fd, ev) == 0)
+		return 0;
+	/* The table and the kernel disagree: the fd was closed and its number
+	 * reused, or registered in an earlier life of the slot (a dup of that
+	 * file is still open). */
+	if (errno == ENOENT)
+		op = EPOLL_CTL_ADD;
+	else if (errno == EEXIST)
+		op = EPOLL_CTL_MOD;
+	else
+		return -errno;
+	return epoll_ctl(epfd, op, fd, ev) == 0 ? 0 : -errno;
+}
+
 /* (Re)arm fd for whatever its waiters want. */
 static int slot_arm(struct ep *ep, struct ep_slot *s, int fd)
 {
@@ -95,21 +112,10 @@ static int slot_arm(struct ep *ep, struct ep_slot *s, int fd)
 	if (!want)
 		return 0;
 	struct epoll_event ev = { .events = want | EPOLLONESHOT, .data.u64 = (uint64_t)fd };
-	int op = s->registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
-	if (epoll_ctl(ep->epfd, op, fd, &ev) != 0) {
-		/* The table and the kernel disagree: the fd was closed and its
-		 * number reused, or registered by an earlier life of the slot. */
-		if (errno == ENOENT)
-			op = EPOLL_CTL_ADD;
-		else if (errno == EEXIST)
-			op = EPOLL_CTL_MOD;
-		else
-			return -errno;
-		if (epoll_ctl(ep->epfd, op, fd, &ev) != 0)
-			return -errno;
-	}
-	s->registered = 1;
-	return 0;
+	int rc = zk__epoll_set(ep->epfd, fd, &ev, s->registered);
+	if (rc == 0)
+		s->registered = 1;
+	return rc;
 }
 
 static void list_remove(struct zk__op **head, struct zk__op *op)

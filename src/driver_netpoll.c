@@ -161,21 +161,10 @@ static int slot_arm(struct zk__netpoll *np, struct np_slot *s, int fd)
 			return 0;
 		ev.events |= EPOLLONESHOT;
 	}
-	int op = s->registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
-	if (epoll_ctl(np->epfd, op, fd, &ev) != 0) {
-		/* The set and the slot disagree: registered in an earlier life
-		 * (a dup of that file is still open), or the fd was closed. */
-		if (errno == EEXIST)
-			op = EPOLL_CTL_MOD;
-		else if (errno == ENOENT)
-			op = EPOLL_CTL_ADD;
-		else
-			return -errno;
-		if (epoll_ctl(np->epfd, op, fd, &ev) != 0)
-			return -errno;
-	}
-	s->registered = 1;
-	return 0;
+	int rc = zk__epoll_set(np->epfd, fd, &ev, s->registered);
+	if (rc == 0)
+		s->registered = 1;
+	return rc;
 }
 
 static void list_remove(struct np_waiter **head, struct np_waiter *wt)
