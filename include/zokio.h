@@ -675,9 +675,9 @@ ZK_API int zk_key_set(zk_key_t key, void *value);
  * zk_close, not close(), so a reused fd number is not mistaken for the old
  * one (the shared poller registers each socket once: a number reused
  * behind its back by an fd that did not come from zk_accept or zk_socket
- * would wait for readiness that is never reported).  A fiber parked on an fd that another fiber
- * closes is not woken: shut the socket down (zk_shutdown) or cancel the
- * fiber first.
+ * would wait for readiness that is never reported).  A fiber parked on an
+ * fd that another fiber closes is not woken: shut the socket down
+ * (zk_shutdown) or cancel the fiber first.
  *
  * SIGPIPE: zk_send, zk_sendto and zk_sendmsg add MSG_NOSIGNAL, so a peer
  * that went away gives -EPIPE.  zk_write/zk_writev on a socket cannot do

@@ -646,11 +646,12 @@ static zk_fiber_t *rescue_steal(struct zk__worker *w)
 		return NULL;
 	}
 	int64_t now = zk__now();
-	if (w->rescue_since == 0 || now - w->rescue_since < ZK__RESCUE_NS) {
-		if (w->rescue_since == 0)
-			w->rescue_since = now;
+	if (w->rescue_since == 0) { /* first look that finds it stalled */
+		w->rescue_since = now;
 		return NULL;
 	}
+	if (now - w->rescue_since < ZK__RESCUE_NS)
+		return NULL;
 	w->rescue_since = now; /* still stalled: the next steal in as long */
 	return steal_from(w, v);
 }

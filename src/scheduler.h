@@ -58,8 +58,8 @@ struct zk__worker {
 	 * idle workers to see whether everything ended (all_ended). */
 	_Atomic uint64_t n_spawned, n_ended;
 	uint64_t ended_checked;         /* n_ended at our last all_ended() look */
-	/* rescue_steal: the worker being watched, its st_run when last seen
-	 * to change, and when that was. */
+	/* rescue_steal: the worker being watched, its st_run when we started
+	 * watching, and when we first found it unchanged (0: not yet). */
 	int rescue_victim;
 	uint64_t rescue_seen;
 	int64_t rescue_since;
