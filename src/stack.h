@@ -6,17 +6,19 @@
 #define ZK_STACK_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 /* Header kept in the top bytes of each stack's own mapping. */
 struct zk__stack {
-	char *map;              /* mapping base; the guard page (if any) is first */
-	size_t map_size;
+	char *map;              /* lowest byte: the guard page (if any) is first */
 	char *lo;               /* lowest usable byte (the canary lives here) */
 	struct zk__stack *next; /* cache/pool link */
 	unsigned vg_id;         /* Valgrind stack id */
 	int cold;               /* pages were given back with madvise */
+	struct zk__stack *slab_next; /* first stack of each slab: pool's slab list */
+	size_t slab_size;            /* first stack of a slab: the slab's bytes */
 };
 
 /* Top of the usable stack: the header sits right above it. */
@@ -32,15 +34,19 @@ struct zk__stack_cache {
 struct zk__stack_pool {
 	pthread_mutex_t lock;
 	struct zk__stack *head;
+	struct zk__stack *slabs;  /* every mapping, by its first stack (under lock) */
+	_Atomic unsigned mapped;  /* stacks mapped so far: sizes the next slab */
 	unsigned count;
 	unsigned hwm;          /* past this many pooled stacks, pages go back to the OS */
 	unsigned cache_max;    /* per-worker cache bound */
+	unsigned slab_max;     /* stacks per mapping, at most (init: ZK__SLAB_MAX) */
 	size_t stack_size;     /* usable bytes, page multiple */
 	size_t page;
 	enum zk__guard_kind guard;
 };
 
 #define ZK__CANARY 0x5a6f6b696f5a4b21ull /* "ZokioZK!" */
+#define ZK__SLAB_MAX 32 /* stacks per mapping, at most */
 
 int zk__stack_pool_init(struct zk__stack_pool *p, size_t stack_size, int canary,
 			unsigned cache_max, unsigned hwm);

@@ -374,6 +374,7 @@ START_TEST(test_pool_cache_bound_is_respected)
 	struct zk__stack_cache c = { 0 };
 	struct zk__stack *s[N];
 	ck_assert_int_eq(zk__stack_pool_init(&p, 16 * 1024, 0, CACHE, 100), 0);
+	p.slab_max = 1; /* one stack per mapping, as these counts assume */
 	for (int i = 0; i < N; i++)
 		ck_assert_int_eq(zk__stack_get(&p, &c, &s[i]), 0);
 	for (int i = 0; i < N; i++) {
@@ -407,6 +408,7 @@ static void pool_release_case(int canary)
 	struct zk__stack_cache c = { 0 };
 	struct zk__stack *s[N];
 	ck_assert_int_eq(zk__stack_pool_init(&p, 64 * 1024, canary, 1, HWM), 0);
+	p.slab_max = 1; /* one stack per mapping, as these counts assume */
 	for (int i = 0; i < N; i++) {
 		ck_assert_int_eq(zk__stack_get(&p, &c, &s[i]), 0);
 		touch(s[i], canary);
@@ -463,7 +465,7 @@ START_TEST(test_stack_layout_guard_below_and_canary_set)
 	ck_assert_uint_ge(p.stack_size, 10000);
 	ck_assert_int_eq(zk__stack_get(&p, &(struct zk__stack_cache){ 0 }, &s), 0);
 	ck_assert_ptr_eq(s->lo, s->map + pg); /* one guard page below */
-	ck_assert_ptr_eq((char *)s + 64, s->map + s->map_size);
+	ck_assert_ptr_eq((char *)s + 64, s->lo + p.stack_size); /* header on top */
 	ck_assert_int_eq(p.guard == ZK__GUARD_MADVISE || p.guard == ZK__GUARD_MPROTECT, 1);
 	zk__stack_put(&p, NULL, s);
 	zk__stack_pool_destroy(&p);
@@ -475,6 +477,60 @@ START_TEST(test_stack_layout_guard_below_and_canary_set)
 	ck_assert(zk__stack_canary_ok(s));
 	zk__stack_put(&p, NULL, s);
 	zk__stack_pool_destroy(&p);
+}
+END_TEST
+
+/* Stacks come in slabs: many stacks, few mappings.  Each stack of a slab
+ * still has its own guard, none overlaps another,
+ * and destroying the pool unmaps them all. */
+START_TEST(test_pool_maps_stacks_in_slabs_each_guarded)
+{
+	enum { N = 200 };
+	struct zk__stack_pool p;
+	struct zk__stack_cache c = { 0 };
+	static struct zk__stack *s[N];
+	size_t pg = page_size();
+	ck_assert_int_eq(zk__stack_pool_init(&p, 16 * 1024, 0, 8, 1000), 0);
+	for (int i = 0; i < N; i++)
+		ck_assert_int_eq(zk__stack_get(&p, &c, &s[i]), 0);
+	unsigned mapped = atomic_load(&p.mapped);
+	ck_assert_uint_ge(mapped, N);
+	ck_assert_uint_le(mapped, N + ZK__SLAB_MAX);
+	ck_assert_uint_eq(c.count + p.count, mapped - N); /* the rest are pooled */
+	int slabs = 0;
+	for (struct zk__stack *f = p.slabs; f; f = f->slab_next)
+		slabs++;
+	ck_assert_int_lt(slabs, N / 4);
+	int fds[2];
+	ck_assert_int_eq(pipe(fds), 0);
+	for (int i = 0; i < N; i++) {
+		ck_assert_ptr_eq(s[i]->lo, s[i]->map + pg);
+		ck_assert_ptr_eq((char *)s[i] + 64, s[i]->lo + p.stack_size);
+		for (int j = 0; j < i; j++)
+			ck_assert_msg(s[j]->map >= (char *)s[i] + 64 || (char *)s[j] + 64 <= s[i]->map,
+				      "stacks %d and %d overlap", i, j);
+		/* The guard refuses even the kernel (write(2) from it fails). */
+		if (p.guard == ZK__GUARD_MADVISE || p.guard == ZK__GUARD_MPROTECT) {
+			errno = 0;
+			ck_assert_int_lt(write(fds[1], s[i]->map, 1), 0);
+			ck_assert_int_eq(errno, EFAULT);
+		}
+		/* The usable part is writable from bottom to top. */
+		s[i]->lo[0] = 1;
+		((char *)s[i])[-1] = 1;
+	}
+	close(fds[0]);
+	close(fds[1]);
+	for (int i = 0; i < N; i++)
+		zk__stack_put(&p, &c, s[i]);
+	zk__stack_cache_flush(&p, &c);
+	ck_assert_uint_eq(p.count, mapped);
+	char *lo = s[0]->map, *top = (char *)s[0] + 64;
+	zk__stack_pool_destroy(&p);
+	unsigned char v;
+	ck_assert_int_eq(mincore(lo, pg, &v), -1); /* unmapped */
+	ck_assert_int_eq(errno, ENOMEM);
+	ck_assert_int_eq(mincore(top - pg, pg, &v), -1);
 }
 END_TEST
 
@@ -630,6 +686,7 @@ static Suite *stack_suite(void)
 	tcase_add_test(tc, test_pool_releases_pages_past_high_water_mark);
 	tcase_add_test(tc, test_pool_releases_pages_past_high_water_mark_canary);
 	tcase_add_test(tc, test_stack_layout_guard_below_and_canary_set);
+	tcase_add_test(tc, test_pool_maps_stacks_in_slabs_each_guarded);
 	tcase_add_test(tc, test_default_stack_size_is_the_documented_one);
 	suite_add_tcase(s, tc);
 
