@@ -52,33 +52,34 @@ int64_t zk__now(void)
 
 /* ---- the heap ------------------------------------------------------------ */
 
-/* Slots are struct zk__timer pointers; comparisons read t->when (and t->seq
- * on ties), so a level costs one record load per child. */
-static inline int earlier(const struct zk__timer *a, const struct zk__timer *b)
+/* A slot holds the deadline beside the record's pointer, so comparisons
+ * stay in the heap's array; only a tie reads the records (for seq).  Moving
+ * a record still writes its idx. */
+static inline int earlier(struct zk__slot a, struct zk__slot b)
 {
-	return a->when < b->when || (a->when == b->when && a->seq < b->seq);
+	return a.when < b.when || (a.when == b.when && a.t->seq < b.t->seq);
 }
 
-static inline void place(struct zk__timers *ts, uint32_t i, struct zk__timer *t)
+static inline void place(struct zk__timers *ts, uint32_t i, struct zk__slot s)
 {
-	ts->heap[i] = t;
-	t->idx = i;
+	ts->heap[i] = s;
+	s.t->idx = i;
 }
 
-static void sift_up(struct zk__timers *ts, uint32_t i, struct zk__timer *t)
+static void sift_up(struct zk__timers *ts, uint32_t i, struct zk__slot s)
 {
 	while (i > 0) {
 		uint32_t p = (i - 1) / ZK__HEAP_D;
-		struct zk__timer *pt = ts->heap[p];
-		if (!earlier(t, pt))
+		struct zk__slot ps = ts->heap[p];
+		if (!earlier(s, ps))
 			break;
-		place(ts, i, pt);
+		place(ts, i, ps);
 		i = p;
 	}
-	place(ts, i, t);
+	place(ts, i, s);
 }
 
-static void sift_down(struct zk__timers *ts, uint32_t i, struct zk__timer *t)
+static void sift_down(struct zk__timers *ts, uint32_t i, struct zk__slot s)
 {
 	for (;;) {
 		uint32_t c = i * ZK__HEAP_D + 1;
@@ -89,26 +90,25 @@ static void sift_down(struct zk__timers *ts, uint32_t i, struct zk__timer *t)
 		for (uint32_t k = c + 1; k < end; k++)
 			if (earlier(ts->heap[k], ts->heap[m]))
 				m = k;
-		if (!earlier(ts->heap[m], t))
+		if (!earlier(ts->heap[m], s))
 			break;
 		place(ts, i, ts->heap[m]);
 		i = m;
 	}
-	place(ts, i, t);
+	place(ts, i, s);
 }
 
 static void update_next(struct zk__timers *ts)
 {
-	int64_t next = ts->n ? ts->heap[0]->when : ZK__NO_DEADLINE;
+	int64_t next = ts->n ? ts->heap[0].when : ZK__NO_DEADLINE;
 	atomic_store_explicit(&ts->next, next, memory_order_relaxed);
 }
 
 /* Take slot i out of the heap (lock held). */
 static void heap_remove(struct zk__timers *ts, uint32_t i)
 {
-	struct zk__timer *t = ts->heap[i];
-	t->idx = ZK__TIMER_IDLE;
-	struct zk__timer *last = ts->heap[--ts->n];
+	ts->heap[i].t->idx = ZK__TIMER_IDLE;
+	struct zk__slot last = ts->heap[--ts->n];
 	if (i < ts->n) {
 		if (i > 0 && earlier(last, ts->heap[(i - 1) / ZK__HEAP_D]))
 			sift_up(ts, i, last);
@@ -150,7 +150,7 @@ int zk__timer_arm(struct zk__timers *ts, struct zk__timer *t, int64_t when)
 	pthread_mutex_lock(&ts->lock);
 	if (ts->n == ts->cap) {
 		uint32_t cap = ts->cap ? ts->cap * 2 : 64;
-		struct zk__timer **h = realloc(ts->heap, cap * sizeof(*h));
+		struct zk__slot *h = realloc(ts->heap, cap * sizeof(*h));
 		if (!h) {
 			pthread_mutex_unlock(&ts->lock);
 			return -ENOMEM;
@@ -161,7 +161,7 @@ int zk__timer_arm(struct zk__timers *ts, struct zk__timer *t, int64_t when)
 	t->when = when;
 	t->seq = ts->seq++;
 	t->owner = ts;
-	sift_up(ts, ts->n++, t);
+	sift_up(ts, ts->n++, (struct zk__slot){ when, t });
 	update_next(ts);
 	pthread_mutex_unlock(&ts->lock);
 	return 0;
@@ -196,8 +196,8 @@ int zk__timers_fire(struct zk__timers *ts, int64_t now)
 	struct zk__timer *due[ZK__FIRE_BATCH];
 	int k = 0;
 	pthread_mutex_lock(&ts->lock);
-	while (k < ZK__FIRE_BATCH && ts->n && ts->heap[0]->when <= now) {
-		due[k++] = ts->heap[0];
+	while (k < ZK__FIRE_BATCH && ts->n && ts->heap[0].when <= now) {
+		due[k++] = ts->heap[0].t;
 		heap_remove(ts, 0);
 	}
 	/* Latest first: the scheduler runs the fiber it woke last first (LIFO

@@ -34,11 +34,17 @@ struct zk__timer {
 	void *arg;
 };
 
-/* A worker's timers: a 4-ary min-heap of record pointers ordered by
- * (when, seq).  See timer.c for why this shape and what it costs. */
+/* A heap slot: a copy of the record's deadline, and the record. */
+struct zk__slot {
+	int64_t when;
+	struct zk__timer *t;
+};
+
+/* A worker's timers: a 4-ary min-heap of slots ordered by (when, seq).  See
+ * timer.c for why this shape and what it costs. */
 struct zk__timers {
 	pthread_mutex_t lock;
-	struct zk__timer **heap;
+	struct zk__slot *heap;
 	uint32_t n, cap;
 	uint64_t seq;
 	_Atomic int64_t next;       /* earliest when, ZK__NO_DEADLINE if empty */
