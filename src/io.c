@@ -654,22 +654,34 @@ static ssize_t op_completion(struct zk__worker *w, struct zk__op *op)
 	}
 }
 
+/* Other fibers wait to run on w, so the scheduler round goes on after the
+ * calling fiber parks. */
+static int others_runnable(struct zk__worker *w)
+{
+	return w->lifo || w->local.head || zk__deque_size(&w->dq) > 0;
+}
+
 /* io_uring: calls that usually succeed at once are first made directly,
- * without waiting: a socket send (MSG_DONTWAIT; the send buffer almost
- * always has room) and an accept on a listener made non-blocking here, as
- * under epoll (io_uring itself ignores O_NONBLOCK on sockets and waits).
- * One plain system call (~0.1 us here) then replaces a trip through the
- * ring: a submission entry, a completion, a park and a resume, and the wait
- * for the end of the scheduler round before the data leaves.  A burst of
- * waiting connections is accepted in one go instead of one per round.
+ * without waiting: an accept on a listener made non-blocking here, as
+ * under epoll (io_uring itself ignores O_NONBLOCK on sockets and waits),
+ * so a burst of waiting connections is accepted in one go instead of one
+ * per round; and a socket send (MSG_DONTWAIT; the send buffer almost always
+ * has room) when no other fiber waits to run.  Then one plain system call
+ * replaces a trip through the ring: a submission entry, a completion, a
+ * park and a resume, and nothing else would share the ring's entry.  With
+ * other fibers to run, the send joins the round's batch instead: one
+ * io_uring_enter carries the sends of many fibers, which at 1000 echo
+ * connections saves ~0.25 us of system time per round trip.
  * Returns -EAGAIN when the call has to go through the ring after all
  * (receives do so at once: their data is rarely there yet). */
-static ssize_t op_try_first(struct zk__op *op)
+static ssize_t op_try_first(struct zk__worker *w, struct zk__op *op)
 {
 	ssize_t r;
 	switch (op->kind) {
 	case ZK__OP_SEND:
 	case ZK__OP_SENDMSG:
+		if (others_runnable(w))
+			return -EAGAIN;
 		r = op_syscall(op, MSG_DONTWAIT);
 		break;
 	case ZK__OP_ACCEPT:
@@ -716,7 +728,7 @@ static ssize_t op_run(struct zk__op *op)
 	if (w->rt->netpoll && is_socket_call(op->kind))
 		return op_readiness(op, hint);
 	if (w->driver.vt->completion) {
-		ssize_t r = op_try_first(op);
+		ssize_t r = op_try_first(w, op);
 		if (r != -EAGAIN)
 			return r;
 		return op_completion(w, op);
