@@ -941,7 +941,9 @@ static void *sleeps_main(void *arg)
 		ck_assert_ptr_null(r);
 	}
 	int64_t ms = ms_since(t0);
-	ck_assert_msg(ms >= 95 && ms < 400, "20 concurrent 100 ms sleeps took %lld ms", (long long)ms);
+	/* In series they take 2 s: half of that still proves overlap, and
+	 * leaves a loaded or sanitized run room to be slow. */
+	ck_assert_msg(ms >= 95 && ms < 1000, "20 concurrent 100 ms sleeps took %lld ms", (long long)ms);
 	ck_assert_int_eq(sleep(0), 0);
 	return NULL;
 }
@@ -1464,7 +1466,8 @@ START_TEST(test_curl_easy_from_twenty_fibers_on_one_worker_runs_concurrently)
 	fprintf(stderr, "test_hook: %s: 20 curl requests (100 ms each) on one worker: %lld ms\n",
 		backend_names[_i], (long long)cr.ms);
 	ck_assert_int_eq(cr.ok, 20);
-	ck_assert_msg(cr.ms < 500, "20 requests took %lld ms: not concurrent", (long long)cr.ms);
+	ck_assert_msg(cr.ms < 1000, "20 requests took %lld ms: not concurrent (2 s in series)",
+		      (long long)cr.ms);
 	curl_global_cleanup();
 }
 END_TEST
@@ -1631,7 +1634,8 @@ START_TEST(test_hiredis_from_twenty_fibers_on_one_worker_runs_concurrently)
 	fprintf(stderr, "test_hook: %s: 20 hiredis clients (BLPOP 100 ms each) on one worker: %lld ms\n",
 		backend_names[_i], (long long)rr.ms);
 	ck_assert_int_eq(rr.ok, 20);
-	ck_assert_msg(rr.ms < 500, "20 clients took %lld ms: not concurrent", (long long)rr.ms);
+	ck_assert_msg(rr.ms < 1000, "20 clients took %lld ms: not concurrent (2 s in series)",
+		      (long long)rr.ms);
 	ck_assert(rr.pushed_ok);
 }
 END_TEST
