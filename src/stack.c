@@ -120,7 +120,8 @@ static int advise_ranges(struct iovec *iov, unsigned n, int advice)
 static unsigned slab_count(struct zk__stack_pool *p)
 {
 	unsigned n = atomic_load_explicit(&p->mapped, memory_order_relaxed) / 2;
-	return n < 1 ? 1 : n > p->slab_max ? p->slab_max : n;
+	unsigned max = p->slab_max < 1 ? 1 : p->slab_max > ZK__SLAB_MAX ? ZK__SLAB_MAX : p->slab_max;
+	return n < 1 ? 1 : n > max ? max : n;
 }
 
 /* Map n stacks of size bytes side by side with their guards (and their top

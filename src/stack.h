@@ -39,7 +39,7 @@ struct zk__stack_pool {
 	unsigned count;
 	unsigned hwm;          /* past this many pooled stacks, pages go back to the OS */
 	unsigned cache_max;    /* per-worker cache bound */
-	unsigned slab_max;     /* stacks per mapping, at most (init: ZK__SLAB_MAX) */
+	unsigned slab_max;     /* stacks per mapping, 1..ZK__SLAB_MAX (init: the most) */
 	size_t stack_size;     /* usable bytes, page multiple */
 	size_t page;
 	enum zk__guard_kind guard;
