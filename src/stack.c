@@ -124,6 +124,31 @@ static unsigned slab_count(struct zk__stack_pool *p)
 	return n < 1 ? 1 : n > max ? max : n;
 }
 
+/* The cache's and the pool's free lists (the pool's under its lock). */
+static void cache_push(struct zk__stack_cache *c, struct zk__stack *s)
+{
+	s->next = c->head;
+	c->head = s;
+	c->count++;
+}
+
+static struct zk__stack *cache_pop(struct zk__stack_cache *c)
+{
+	struct zk__stack *s = c->head;
+	if (s) {
+		c->head = s->next;
+		c->count--;
+	}
+	return s;
+}
+
+static void pool_push(struct zk__stack_pool *p, struct zk__stack *s)
+{
+	s->next = p->head;
+	p->head = s;
+	p->count++;
+}
+
 /* Map n stacks of size bytes side by side with their guards (and their top
  * pages faulted in where that is cheap).  0 and *out, or -errno. */
 static int map_slab(struct zk__stack_pool *p, unsigned n, size_t size, size_t guard, char **out)
@@ -174,42 +199,37 @@ static int stack_map(struct zk__stack_pool *p, struct zk__stack_cache *c, struct
 		 * vm.max_map_count: the same "no more stacks" condition. */
 		return rc == -ENOMEM ? -EAGAIN : rc;
 	}
-	struct zk__stack *rest = NULL, *first = NULL;
-	for (unsigned i = n; i-- > 0;) {
+	struct zk__stack *first = NULL, *spare = NULL, **tail = &spare;
+	for (unsigned i = 0; i < n; i++) {
 		char *m = map + i * size;
 		struct zk__stack *s = (struct zk__stack *)(m + size - ZK__STACK_HEADER);
 		s->map = m;
 		s->lo = m + guard;
+		s->next = NULL;
 		s->cold = 0;
 		s->slab_next = NULL;
 		s->slab_size = 0;
 		s->vg_id = zk__vg_stack_register(s->lo, (char *)s);
 		if (p->guard == ZK__GUARD_CANARY)
 			*(uint64_t *)s->lo = ZK__CANARY;
-		s->next = rest;
-		rest = s;
+		if (i == 0) {
+			first = s;
+		} else if (c->count < p->cache_max) {
+			cache_push(c, s);
+		} else {
+			*tail = s; /* for the pool, in order */
+			tail = &s->next;
+		}
 	}
-	first = rest;
-	rest = first->next;
-	first->next = NULL;
 	first->slab_size = n * size;
-	while (rest && c->count < p->cache_max) {
-		struct zk__stack *s = rest;
-		rest = s->next;
-		s->next = c->head;
-		c->head = s;
-		c->count++;
-	}
 	atomic_fetch_add_explicit(&p->mapped, n, memory_order_relaxed);
 	pthread_mutex_lock(&p->lock);
 	first->slab_next = p->slabs;
 	p->slabs = first;
-	while (rest) {
-		struct zk__stack *s = rest;
-		rest = s->next;
-		s->next = p->head;
-		p->head = s;
-		p->count++;
+	while (spare) {
+		struct zk__stack *s = spare;
+		spare = s->next;
+		pool_push(p, s);
 	}
 	pthread_mutex_unlock(&p->lock);
 	*out = first;
@@ -218,31 +238,22 @@ static int stack_map(struct zk__stack_pool *p, struct zk__stack_cache *c, struct
 
 int zk__stack_get(struct zk__stack_pool *p, struct zk__stack_cache *c, struct zk__stack **out)
 {
-	struct zk__stack *s = c->head;
-	if (s) {
-		c->head = s->next;
-		c->count--;
-		s->cold = 0;
-		*out = s;
-		return 0;
+	struct zk__stack *s = cache_pop(c);
+	if (!s) {
+		/* Refill half a cache from the pool in one lock round trip. */
+		pthread_mutex_lock(&p->lock);
+		unsigned want = p->cache_max / 2 + 1;
+		while (p->head && want--) {
+			s = p->head;
+			p->head = s->next;
+			p->count--;
+			cache_push(c, s);
+		}
+		pthread_mutex_unlock(&p->lock);
+		s = cache_pop(c);
 	}
-	/* Refill half a cache from the pool in one lock round trip. */
-	pthread_mutex_lock(&p->lock);
-	unsigned want = p->cache_max / 2 + 1;
-	while (p->head && want--) {
-		s = p->head;
-		p->head = s->next;
-		p->count--;
-		s->next = c->head;
-		c->head = s;
-		c->count++;
-	}
-	pthread_mutex_unlock(&p->lock);
-	s = c->head;
 	if (s) {
-		c->head = s->next;
-		c->count--;
-		s->cold = 0;
+		s->cold = 0; /* its user touches it now */
 		*out = s;
 		return 0;
 	}
@@ -265,9 +276,7 @@ static void stack_release_pages(struct zk__stack_pool *p, struct zk__stack *s)
 void zk__stack_put(struct zk__stack_pool *p, struct zk__stack_cache *c, struct zk__stack *s)
 {
 	if (c && c->count < p->cache_max) {
-		s->next = c->head;
-		c->head = s;
-		c->count++;
+		cache_push(c, s);
 		return;
 	}
 	/* Cache full (or none): to the global pool.  Past the high-water mark the
@@ -279,9 +288,7 @@ void zk__stack_put(struct zk__stack_pool *p, struct zk__stack_cache *c, struct z
 	if (release && !s->cold)
 		stack_release_pages(p, s);
 	pthread_mutex_lock(&p->lock);
-	s->next = p->head;
-	p->head = s;
-	p->count++;
+	pool_push(p, s);
 	pthread_mutex_unlock(&p->lock);
 }
 
@@ -291,22 +298,16 @@ int zk__stack_reserve(struct zk__stack_pool *p, struct zk__stack_cache *c)
 		return 0;
 	struct zk__stack *s;
 	int rc = zk__stack_get(p, c, &s);
-	if (rc == 0) {
-		s->next = c->head;
-		c->head = s;
-		c->count++;
-	}
+	if (rc == 0)
+		cache_push(c, s);
 	return rc;
 }
 
 void zk__stack_cache_flush(struct zk__stack_pool *p, struct zk__stack_cache *c)
 {
-	while (c->head) {
-		struct zk__stack *s = c->head;
-		c->head = s->next;
-		c->count--;
+	struct zk__stack *s;
+	while ((s = cache_pop(c)))
 		zk__stack_put(p, NULL, s);
-	}
 }
 
 /* Unmaps every slab, so every stack, pooled or not: the runtime is gone and
