@@ -654,13 +654,6 @@ static ssize_t op_completion(struct zk__worker *w, struct zk__op *op)
 	}
 }
 
-/* Other fibers wait to run on w, so the scheduler round goes on after the
- * calling fiber parks. */
-static int others_runnable(struct zk__worker *w)
-{
-	return w->lifo || w->local.head || zk__deque_size(&w->dq) > 0;
-}
-
 /* io_uring: calls that usually succeed at once are first made directly,
  * without waiting: an accept on a listener made non-blocking here, as
  * under epoll (io_uring itself ignores O_NONBLOCK on sockets and waits),
@@ -680,7 +673,7 @@ static ssize_t op_try_first(struct zk__worker *w, struct zk__op *op)
 	switch (op->kind) {
 	case ZK__OP_SEND:
 	case ZK__OP_SENDMSG:
-		if (others_runnable(w))
+		if (zk__worker_has_queued(w))
 			return -EAGAIN;
 		r = op_syscall(op, MSG_DONTWAIT);
 		break;

@@ -145,6 +145,13 @@ static inline zk_fiber_t *zk__self(void)
 	return w ? w->current : NULL;
 }
 
+/* Owner only: other fibers are queued on w (LIFO slot, local queue or
+ * deque), so its scheduler round goes on after the running fiber parks. */
+static inline int zk__worker_has_queued(struct zk__worker *w)
+{
+	return w->lifo || w->local.head || zk__deque_size(&w->dq) > 0;
+}
+
 /* Make a RUNNABLE fiber run soon: the LIFO slot of the current worker, its
  * home worker's inbox if it may not migrate, or the global injector. */
 void zk__schedule(zk_fiber_t *f);
