@@ -1199,6 +1199,15 @@ static void worker_sleep(struct zk__worker *w)
  * machine a sleep and a wake-up cost ~20 us of CPU, a good part of what
  * the spin costs at most, and a reply that comes within the spin is served
  * at once: 1-connection echo 3x the round trips, less CPU per round trip.
+ *
+ * With more than two operations in flight the budget is 2/n of that, but
+ * no less than ZK__SPIN_SHORT_NS.  Many connections keep the worker busy;
+ * when it runs dry all the same, the peer is the slower side and a long
+ * spin only burns CPU: HTTP at 100 connections (wrk) spent 1.3 us of ~5
+ * per request spinning, most of it in spins of 10-50 us.  The short spins
+ * still catch the replies that are about to come, which keeps the tail
+ * of 100-connection echo where it was.
+ *
  * The batched submissions go out first, or nothing could complete.
  * Returns 1 if the driver has completions to reap. */
 static int io_spin(struct zk__worker *w)
@@ -1207,7 +1216,13 @@ static int io_spin(struct zk__worker *w)
 	struct zk__driver *d = &w->driver;
 	if (!d->impl || d->nops == 0)
 		return 0;
-	int64_t now = zk__now(), until = now + spin_budget(w, now);
+	int64_t now = zk__now(), budget = spin_budget(w, now);
+	if (d->nops > 2 && budget > ZK__SPIN_SHORT_NS) {
+		budget = budget * 2 / d->nops;
+		if (budget < ZK__SPIN_SHORT_NS)
+			budget = ZK__SPIN_SHORT_NS;
+	}
+	int64_t until = now + budget;
 	int64_t next = zk__timers_next(&w->timers);
 	if (next != ZK__NO_DEADLINE && next < until)
 		until = next;
