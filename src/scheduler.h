@@ -54,6 +54,7 @@ struct zk__worker {
 	int64_t spin_ns;                /* current spin budget (spin_budget) */
 	int64_t spin_checked;           /* when spin_budget last looked */
 	int oversub_seen;               /* spin_budget: busy looks in a row */
+	int64_t run_delay;              /* spin_budget: ns spent waiting for a CPU */
 	/* Fibers spawned by / ended on this worker: owner-written, read by
 	 * idle workers to see whether everything ended (all_ended). */
 	_Atomic uint64_t n_spawned, n_ended;
