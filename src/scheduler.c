@@ -55,7 +55,8 @@
 #define ZK__FAIR_TICK 61
 #define ZK__LIFO_MAX 3
 #define ZK__SPIN_NS 50000 /* an idle worker spins this long before sleeping */
-#define ZK__SPIN_SHORT_NS 5000 /* ... or this long while its CPU is contended */
+#define ZK__SPIN_SHORT_NS 0 /* ... or this long while its CPU is contended */
+#define ZK__SPIN_MIN_NS 5000 /* a lone worker's shortest spin (io_spin) */
 #define ZK__STEAL_MAX 32
 #define ZK__FREE_MAX 1024
 #define ZK__ID_BLOCK 1024
@@ -1058,7 +1059,8 @@ static int spin_slot_claim(zk_runtime_t *rt)
  * CPU on a virtual machine) and answers a wake within a microsecond.  When
  * more threads are runnable than there are CPUs (a client on the same
  * machine, other processes, more threads than cores), a spin only delays
- * whoever waits for this CPU: the budget is then ZK__SPIN_SHORT_NS.  Every
+ * whoever waits for this CPU: the worker then does not spin at all
+ * (ZK__SPIN_SHORT_NS), it makes one steal round and sleeps.  Every
  * 10 ms at most, a worker looks at two signs of that:
  *   - the time this thread itself waited for a CPU (the second field of
  *     /proc/thread-self/schedstat): over 1/10 of the time since the last
@@ -1068,8 +1070,10 @@ static int spin_slot_claim(zk_runtime_t *rt)
  * The count alone missed the two-worker HTTP rows, where the load
  * generator shares a CPU with one worker: a snapshot often finds a worker
  * asleep, the 50 us budget stayed, and the spinner kept the generator off
- * its CPU (wrk at 100 connections: 98k requests/s at 10 us of CPU each
- * with the long spin, 166k at 6 us with the short one).  Unreadable means
+ * its CPU (wrk at 100 connections, budgets forced: 98k requests/s at
+ * 10 us of CPU each with 50 us, 166k at 6.2 us with 5 us, 163k at 5.3 us
+ * with none; even 5 us spins took a fifth of the server's CPU samples, and
+ * echo at 1 and 100 connections did no worse without).  Unreadable means
  * "not busy".  A snapshot now and then counts a short-lived thread of
  * another process: the budget shrinks only after two busy looks in a row
  * (a client that keeps running stays seen), and grows back at the first
@@ -1133,13 +1137,14 @@ static zk_fiber_t *steal_phase(struct zk__worker *w)
 	zk_runtime_t *rt = w->rt;
 	if (rt->nworkers == 1)
 		return NULL;
-	if (!spin_slot_claim(rt))
+	int64_t now = zk__now(), budget = spin_budget(w, now);
+	if (budget == 0 || !spin_slot_claim(rt))
 		return next_prepared_or_stolen(w, steal_round(w));
 	zk_fiber_t *f = NULL;
 	/* Time-bounded: each pass looks at this worker's inbox (where a fiber
 	 * pinned here is woken), every 8th also steals and polls the
 	 * injector; the clock is read every 64th pass. */
-	int64_t now = zk__now(), until = now + spin_budget(w, now);
+	int64_t until = now + budget;
 	for (unsigned pass = 0; !f; pass++) {
 		if (inbox_nonempty(w, memory_order_relaxed))
 			f = next_runnable(w);
@@ -1232,7 +1237,7 @@ static void worker_sleep(struct zk__worker *w)
  * at once: 1-connection echo 3x the round trips, less CPU per round trip.
  *
  * With more than two operations in flight the budget is 2/n of that, but
- * no less than ZK__SPIN_SHORT_NS.  Many connections keep the worker busy;
+ * no less than ZK__SPIN_MIN_NS.  Many connections keep the worker busy;
  * when it runs dry all the same, the peer is the slower side and a long
  * spin only burns CPU: HTTP at 100 connections (wrk) spent 1.3 us of ~5
  * per request spinning, most of it in spins of 10-50 us.  The short spins
@@ -1248,10 +1253,10 @@ static int io_spin(struct zk__worker *w)
 	if (!d->impl || d->nops == 0)
 		return 0;
 	int64_t now = zk__now(), budget = spin_budget(w, now);
-	if (d->nops > 2 && budget > ZK__SPIN_SHORT_NS) {
+	if (d->nops > 2 && budget > ZK__SPIN_MIN_NS) {
 		budget = budget * 2 / d->nops;
-		if (budget < ZK__SPIN_SHORT_NS)
-			budget = ZK__SPIN_SHORT_NS;
+		if (budget < ZK__SPIN_MIN_NS)
+			budget = ZK__SPIN_MIN_NS;
 	}
 	int64_t until = now + budget;
 	int64_t next = zk__timers_next(&w->timers);
