@@ -1131,7 +1131,8 @@ static int64_t spin_budget(struct zk__worker *w, int64_t now)
 }
 
 /* Spin a while looking for work to steal.  At most half of the workers spin
- * at once; a worker over that limit still makes one steal round. */
+ * at once; a worker over that limit, or one whose CPUs are contended
+ * (spin_budget 0), still makes one steal round. */
 static zk_fiber_t *steal_phase(struct zk__worker *w)
 {
 	zk_runtime_t *rt = w->rt;
