@@ -55,7 +55,7 @@
 #define ZK__FAIR_TICK 61
 #define ZK__LIFO_MAX 3
 #define ZK__SPIN_NS 50000 /* an idle worker spins this long before sleeping */
-#define ZK__SPIN_SHORT_NS 0 /* ... or this long while its CPU is contended */
+#define ZK__SPIN_CONTENDED_NS 0 /* ... or this long while its CPU is contended */
 #define ZK__SPIN_MIN_NS 5000 /* a lone worker's shortest spin (io_spin) */
 #define ZK__STEAL_MAX 32
 #define ZK__FREE_MAX 1024
@@ -1060,7 +1060,7 @@ static int spin_slot_claim(zk_runtime_t *rt)
  * more threads are runnable than there are CPUs (a client on the same
  * machine, other processes, more threads than cores), a spin only delays
  * whoever waits for this CPU: the worker then does not spin at all
- * (ZK__SPIN_SHORT_NS), it makes one steal round and sleeps.  Every
+ * (ZK__SPIN_CONTENDED_NS), it makes one steal round and sleeps.  Every
  * 10 ms at most, a worker looks at two signs of that:
  *   - the time this thread itself waited for a CPU (the second field of
  *     /proc/thread-self/schedstat): over 1/10 of the time since the last
@@ -1078,19 +1078,26 @@ static int spin_slot_claim(zk_runtime_t *rt)
  * another process: the budget shrinks only after two busy looks in a row
  * (a client that keeps running stays seen), and grows back at the first
  * quiet one. */
+/* Read a small /proc file into buf as a string; 0, or -1 if unreadable. */
+static int read_proc(const char *path, char *buf, size_t size)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, buf, size - 1);
+	close(fd);
+	if (n <= 0)
+		return -1;
+	buf[n] = 0;
+	return 0;
+}
+
 static int cpus_oversubscribed(void)
 {
 	char buf[128];
-	int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	ssize_t n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return 0;
-	buf[n] = 0;
 	long running;
-	if (sscanf(buf, "%*f %*f %*f %ld/", &running) != 1)
+	if (read_proc("/proc/loadavg", buf, sizeof(buf)) ||
+	    sscanf(buf, "%*f %*f %*f %ld/", &running) != 1)
 		return 0;
 	return running > online_cpus;
 }
@@ -1099,16 +1106,9 @@ static int cpus_oversubscribed(void)
 static int64_t thread_run_delay(void)
 {
 	char buf[96];
-	int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	ssize_t n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return -1;
-	buf[n] = 0;
 	long long run, delay;
-	if (sscanf(buf, "%lld %lld", &run, &delay) != 2)
+	if (read_proc("/proc/thread-self/schedstat", buf, sizeof(buf)) ||
+	    sscanf(buf, "%lld %lld", &run, &delay) != 2)
 		return -1;
 	return delay;
 }
@@ -1124,7 +1124,7 @@ static int64_t spin_budget(struct zk__worker *w, int64_t now)
 			w->oversub_seen = 0;
 		else if (w->oversub_seen < 2)
 			w->oversub_seen++;
-		w->spin_ns = w->oversub_seen >= 2 ? ZK__SPIN_SHORT_NS : ZK__SPIN_NS;
+		w->spin_ns = w->oversub_seen >= 2 ? ZK__SPIN_CONTENDED_NS : ZK__SPIN_NS;
 		w->spin_checked = now;
 	}
 	return w->spin_ns;
