@@ -149,6 +149,16 @@ static void pool_push(struct zk__stack_pool *p, struct zk__stack *s)
 	p->count++;
 }
 
+static struct zk__stack *pool_pop(struct zk__stack_pool *p)
+{
+	struct zk__stack *s = p->head;
+	if (s) {
+		p->head = s->next;
+		p->count--;
+	}
+	return s;
+}
+
 /* Map n stacks of size bytes side by side with their guards (and their top
  * pages faulted in where that is cheap).  0 and *out, or -errno. */
 static int map_slab(struct zk__stack_pool *p, unsigned n, size_t size, size_t guard, char **out)
@@ -242,13 +252,8 @@ int zk__stack_get(struct zk__stack_pool *p, struct zk__stack_cache *c, struct zk
 	if (!s) {
 		/* Refill half a cache from the pool in one lock round trip. */
 		pthread_mutex_lock(&p->lock);
-		unsigned want = p->cache_max / 2 + 1;
-		while (p->head && want--) {
-			s = p->head;
-			p->head = s->next;
-			p->count--;
+		for (unsigned want = p->cache_max / 2 + 1; want > 0 && (s = pool_pop(p)); want--)
 			cache_push(c, s);
-		}
 		pthread_mutex_unlock(&p->lock);
 		s = cache_pop(c);
 	}
