@@ -21,13 +21,21 @@
 #include "config.h"
 #include <stddef.h>
 
+/* zk__asan_forget: before unmapping memory that served as a stack.  The
+ * frames a fiber never returned from (its last switch away) leave their
+ * redzones poisoned in ASan's shadow, and whatever the kernel maps there
+ * next (a later runtime's io_uring rings, say) would read as a stack
+ * buffer underflow. */
 #ifdef ZK_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define zk__asan_start(save, bottom, size) __sanitizer_start_switch_fiber((save), (bottom), (size))
 #define zk__asan_finish(save) __sanitizer_finish_switch_fiber((save), NULL, NULL)
+#define zk__asan_forget(addr, size) __asan_unpoison_memory_region((addr), (size))
 #else
 #define zk__asan_start(save, bottom, size) ((void)(save), (void)(bottom), (void)(size))
 #define zk__asan_finish(save) ((void)(save))
+#define zk__asan_forget(addr, size) ((void)(addr), (void)(size))
 #endif
 
 #ifdef ZK_TSAN

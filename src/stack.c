@@ -326,6 +326,7 @@ void zk__stack_pool_destroy(struct zk__stack_pool *p)
 	while (p->slabs) {
 		struct zk__stack *s = p->slabs;
 		p->slabs = s->slab_next;
+		zk__asan_forget(s->map, s->slab_size);
 		munmap(s->map, s->slab_size);
 	}
 	p->head = NULL;
@@ -463,5 +464,6 @@ void zk__altstack_leave(void *h)
 	size_t size = ZK__ALTSTACK_SIZE;
 	if (size < (size_t)SIGSTKSZ)
 		size = (size_t)SIGSTKSZ;
+	zk__asan_forget(h, size);
 	munmap(h, size);
 }
