@@ -11,8 +11,12 @@
  *     RESULT echo rt_per_sec <round trips per second> rt/s
  *     RESULT echo p50_us / p99_us <latency of one round trip> us
  *     RESULT echo server_cpu_us_per_rt <server user+system CPU / round trip> us
- * (the last only with server_pid=, read from /proc/PID/stat at the window's
- * two ends, so it covers all the server's threads and nothing of ours).
+ *       (only with server_pid=, read from /proc/PID/stat at the window's
+ *       two ends, so it covers all the server's threads and nothing of ours)
+ *     RESULT echo client_cpu_us_per_rt <our own user+system CPU / round trip> us
+ *       (the same window; on loopback a send also delivers the data into
+ *       the peer's socket, so work moves between the two figures and
+ *       their sum is the whole cost of a round trip)
  *
  * One thread, no allocation after setup. Two engines (engine=0|1):
  *   epoll     level-triggered; per round trip one write, one read and a
@@ -179,6 +183,16 @@ static long server_pid;
 static uint64_t measure_at, end_at, t_begin, t_end, rts;
 static int measuring;
 static long long cpu_begin = -1;
+static int64_t self_cpu_begin = -1;
+
+/* This process's user+system CPU time in ns, or -1. */
+static int64_t self_cpu_ns(void)
+{
+	struct timespec ts;
+	if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) != 0)
+		return -1;
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 static long dead;
 
 /* Called once per loop turn; starts the window after warm-up, returns 1
@@ -190,6 +204,7 @@ static int tick(uint64_t now)
 		t_begin = now;
 		if (server_pid)
 			cpu_begin = proc_cpu_ticks(server_pid);
+		self_cpu_begin = self_cpu_ns();
 	}
 	if (now >= end_at) {
 		t_end = now;
@@ -455,6 +470,7 @@ int main(int argc, char **argv)
 	if (ret < 0)
 		return 1;
 	long long cpu_end = server_pid ? proc_cpu_ticks(server_pid) : -1;
+	int64_t self_cpu_end = self_cpu_ns();
 	if (dead)
 		fprintf(stderr, "loadgen: %ld of %ld connections were lost\n", dead, nconns);
 
@@ -467,5 +483,8 @@ int main(int argc, char **argv)
 				(double)sysconf(_SC_CLK_TCK);
 		bench_result("echo", "server_cpu_us_per_rt", cpu_us / (double)rts, "us");
 	}
+	if (self_cpu_begin >= 0 && self_cpu_end >= 0 && rts > 0)
+		bench_result("echo", "client_cpu_us_per_rt",
+			     (double)(self_cpu_end - self_cpu_begin) / 1e3 / (double)rts, "us");
 	return rts > 0 ? 0 : 1;
 }
