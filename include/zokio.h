@@ -96,8 +96,12 @@ enum zk_backend {
 /* Where a fiber's socket call waits for the socket to become ready.
  * SHARED: in one epoll set per runtime, harvested by whichever worker looks
  * first; the call itself is then made directly.  A worker that the kernel
- * preempts (other programs on its CPU) then holds up none of its
- * connections: another worker wakes and runs them.  PER_WORKER: in the
+ * preempts (other programs on its CPU) then does not hold up its
+ * connections for long: another worker runs them (under epoll, a sleeping
+ * worker wakes at once; under io_uring, where only one sleeper watches the
+ * set so that readiness a busy worker will harvest wakes nobody, one
+ * sleeper looks in on busy workers every millisecond and takes over from
+ * one that has stopped, within a few milliseconds).  PER_WORKER: in the
  * calling worker's own driver (with io_uring, the kernel performs the
  * call), only ever completed by that worker: slightly less work per call,
  * but a preempted worker's connections wait until it runs again.  AUTO

@@ -138,6 +138,12 @@ struct zk__driver {
 	long nops;
 	int np_fd;                     /* the shared poller's fd to watch, or -1 */
 	uint8_t np_fired;              /* the backend saw np_fd readable */
+	/* Completion backends watch np_fd only when the scheduler asks, in a
+	 * wait or a flush (np_watch: the worker holds rt->np_holder), and
+	 * harvest the set directly in every poll that does not wait;
+	 * np_armed: the one-shot watch is in the ring, until it completes.
+	 * Readiness backends keep np_fd in their set and ignore both. */
+	uint8_t np_watch, np_armed;
 	unsigned ticks;                /* zk__driver_tick calls since the last poll */
 	int64_t polled_at;             /* zk__now() of the first tick since then */
 };

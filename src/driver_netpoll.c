@@ -11,8 +11,10 @@
  * (4 ms at HZ=250), while the other workers may be idle.  With two or more
  * workers, sockets therefore wait for readiness here instead: the fiber
  * registers its fd in the shared set and parks; whichever worker next looks
- * (a sleeping one is woken through its own driver, which watches this
- * set's fd; a busy one looks when it reaps) wakes it onto its own queue.
+ * wakes it onto its own queue.  A busy worker looks whenever it reaps; a
+ * sleeping one is woken through its own driver, which watches this set's
+ * fd - under io_uring only one sleeper at a time does, and others look in
+ * on a worker that stops making progress (scheduler.c, worker_sleep).
  * The call itself is then made directly, as under epoll.  Go's netpoller
  * and Tokio's I/O driver share readiness the same way.
  *

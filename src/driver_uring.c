@@ -108,17 +108,19 @@ static int arm_wake(struct zk__driver *d, struct ur *ur)
 	return 0;
 }
 
-/* One-shot, re-armed after each completion: at most one completion per
+/* One-shot, armed for a wait the scheduler wants watched (d->np_watch)
+ * and left in place until it completes: at most one completion per
  * harvest, however many sockets became ready. */
 static int arm_netpoll(struct zk__driver *d, struct ur *ur)
 {
-	if (d->np_fd < 0)
+	if (d->np_fd < 0 || d->np_armed)
 		return 0;
 	struct io_uring_sqe *sqe = sqe_get(ur);
 	if (!sqe)
 		return -EBUSY;
 	io_uring_prep_poll_add(sqe, d->np_fd, POLLIN);
 	io_uring_sqe_set_data64(sqe, UR__TAG_NETPOLL);
+	d->np_armed = 1;
 	return 0;
 }
 
@@ -143,7 +145,6 @@ static int ur_start(struct zk__driver *d)
 	 * io_uring_enter (kernels without it just say no). */
 	io_uring_register_ring_fd(&ur->ring);
 	arm_wake(d, ur);
-	arm_netpoll(d, ur);
 	d->impl = ur;
 	return 0;
 }
@@ -260,6 +261,7 @@ static int reap(struct zk__driver *d, struct ur *ur)
 		}
 		if (tag == UR__TAG_NETPOLL) {
 			d->np_fired = 1; /* io.c harvests after this reap */
+			d->np_armed = 0;
 			continue;
 		}
 		ops[n] = (struct zk__op *)(uintptr_t)tag;
@@ -270,8 +272,6 @@ static int reap(struct zk__driver *d, struct ur *ur)
 		zk__op_complete(d, ops[i], res[i]);
 	if (rearm)
 		arm_wake(d, ur);
-	if (d->np_fired)
-		arm_netpoll(d, ur);
 	return n;
 }
 
@@ -308,6 +308,8 @@ static int ur_poll(struct zk__driver *d, int64_t timeout_ns)
 			.tv_sec = timeout_ns / 1000000000,
 			.tv_nsec = timeout_ns % 1000000000,
 		};
+		if (d->np_watch)
+			arm_netpoll(d, ur);
 		io_uring_submit_and_wait_timeout(&ur->ring, &cqe, 1, timeout_ns > 0 ? &ts : NULL, NULL);
 	}
 	return reap(d, ur);
@@ -316,6 +318,8 @@ static int ur_poll(struct zk__driver *d, int64_t timeout_ns)
 static void ur_flush(struct zk__driver *d)
 {
 	struct ur *ur = d->impl;
+	if (d->np_watch)
+		arm_netpoll(d, ur);
 	if (io_uring_sq_ready(&ur->ring))
 		io_uring_submit(&ur->ring);
 }

@@ -132,10 +132,24 @@ int zk__driver_poll(struct zk__driver *d, int64_t timeout_ns)
 		woken = cancel_scan(d);
 	/* Fibers just made runnable must not wait behind a blocking wait. */
 	woken += d->vt->poll(d, woken ? 0 : timeout_ns);
+	/* The shared poller (driver.h): a completion backend's watch fired
+	 * (its holder lets go), or it has none in the ring and this poll does
+	 * not wait, i.e. the worker is busy or about to look for work: look
+	 * at the set directly. */
+	int harvest = d->np_fired;
 	if (d->np_fired) {
 		d->np_fired = 0;
-		woken += zk__netpoll_harvest(d->w->rt->netpoll);
+		if (d->vt->completion) {
+			int me = d->w->index;
+			atomic_compare_exchange_strong_explicit(&d->w->rt->np_holder, &me, -1,
+								memory_order_acq_rel,
+								memory_order_relaxed);
+		}
+	} else if (timeout_ns == 0 && d->np_fd >= 0 && d->vt->completion && !d->np_armed) {
+		harvest = 1;
 	}
+	if (harvest)
+		woken += zk__netpoll_harvest(d->w->rt->netpoll);
 	return woken;
 }
 

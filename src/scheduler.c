@@ -171,6 +171,60 @@ static void injector_push(zk_runtime_t *rt, zk_fiber_t *f)
 
 static void wake_one(zk_runtime_t *rt);
 
+/* Lazy spreading.  With a shared poller on a completion backend, the
+ * fibers a worker makes runnable stay with it until it has been busy for
+ * ZK__BUSY_NS without once running out of work; only then is another
+ * worker woken to share them.  A worker that keeps up needs no help, and
+ * waking one costs more than it saves: on two CPUs shared with a load
+ * generator, 1000-connection echo took ~20% more server CPU per round
+ * trip with the second worker woken for every batch than with one worker
+ * serving all of it, at the same throughput and tail.  What bounds how
+ * long a stalled worker's fibers wait is then the busy workers' rescue
+ * (rescue_steal) and a sleeping lookout's (worker_sleep). */
+#define ZK__BUSY_NS 1000000
+static inline int lazy_spread(const zk_runtime_t *rt)
+{
+	return rt->netpoll && rt->driver_vt->completion;
+}
+
+/* A role one worker at a time holds: a worker index, or -1. */
+static int token_claim(_Atomic int *token, struct zk__worker *w)
+{
+	int holder = -1;
+	return atomic_compare_exchange_strong_explicit(token, &holder, w->index,
+						       memory_order_acq_rel, memory_order_relaxed) ||
+	       holder == w->index;
+}
+
+static void token_release(_Atomic int *token, struct zk__worker *w)
+{
+	int me = w->index;
+	atomic_compare_exchange_strong_explicit(token, &me, -1, memory_order_acq_rel,
+						memory_order_relaxed);
+}
+
+/* Become the worker that watches the shared poller, unless another one's
+ * watch is still armed (io.c lets go when it fires); returns whether w
+ * watches.  The holder's watch must be in its ring: np_settle() lets go
+ * of the role when arming did not happen (the wait did not block, or the
+ * ring was full), so that the next sleeper can take it. */
+static int np_claim(struct zk__worker *w)
+{
+	return token_claim(&w->rt->np_holder, w);
+}
+
+static void np_settle(struct zk__worker *w)
+{
+	w->driver.np_watch = 0;
+	if (!w->driver.np_armed)
+		token_release(&w->rt->np_holder, w);
+}
+
+static inline int needs_help(struct zk__worker *w)
+{
+	return !lazy_spread(w->rt) || zk__now() - w->dry_at >= ZK__BUSY_NS;
+}
+
 /* Put a runnable fiber where this worker (or a thief) will find it. */
 static void push_runnable(struct zk__worker *w, zk_fiber_t *f)
 {
@@ -200,10 +254,12 @@ static void push_runnable(struct zk__worker *w, zk_fiber_t *f)
 		before = 0;
 	}
 	/* Only the first fiber in an empty deque wakes a sleeper (if nobody
-	 * spins).  Later pushes need not: that worker, once up, steals half,
-	 * and re-checks every deque before it sleeps again.  And this owner is
-	 * awake and takes from its own deque anyway, so nothing is stranded. */
-	if (before == 0 && w->rt->nworkers > 1)
+	 * spins), and under lazy spreading only if this worker needs help
+	 * (pick() asks again while it stays busy).  Later pushes need not:
+	 * that worker, once up, steals half, and re-checks every deque before
+	 * it sleeps again.  And this owner is awake and takes from its own
+	 * deque anyway, so nothing is stranded. */
+	if (before == 0 && w->rt->nworkers > 1 && needs_help(w))
 		wake_one(w->rt);
 }
 
@@ -666,9 +722,16 @@ static zk_fiber_t *pick(struct zk__worker *w)
 	 * always does before it steals or sleeps (find_work). */
 	if ((w->tick & 15) == 15) {
 		fire_timers(w);
-		if (w->rt->nworkers > 1 && (f = rescue_steal(w))) {
-			w->tick++;
-			return f;
+		if (w->rt->nworkers > 1) {
+			if ((f = rescue_steal(w))) {
+				w->tick++;
+				return f;
+			}
+			/* busy for a while with fibers queued: share them */
+			if (lazy_spread(w->rt) && zk__deque_size(&w->dq) > 0 &&
+			    atomic_load_explicit(&w->rt->nidle, memory_order_relaxed) > 0 &&
+			    needs_help(w))
+				wake_one(w->rt);
 		}
 	}
 	if (++w->tick % ZK__FAIR_TICK == 0) {
@@ -1142,6 +1205,13 @@ static zk_fiber_t *steal_phase(struct zk__worker *w)
 	if (budget == 0 || !spin_slot_claim(rt))
 		return next_prepared_or_stolen(w, steal_round(w));
 	zk_fiber_t *f = NULL;
+	/* A spinner sees readiness through its own ring (below) if it can
+	 * watch the shared poller. */
+	if (lazy_spread(rt) && np_claim(w)) {
+		w->driver.np_watch = 1;
+		zk__driver_flush(&w->driver);
+		np_settle(w);
+	}
 	/* Time-bounded: each pass looks at this worker's inbox (where a fiber
 	 * pinned here is woken), every 8th also steals and polls the
 	 * injector; the clock is read every 64th pass. */
@@ -1178,17 +1248,18 @@ static zk_fiber_t *steal_phase(struct zk__worker *w)
  * timeout_ns >= 0, once that many nanoseconds have passed (the worker's
  * next timer is due; the token is then left alone).  This is the one place
  * a worker blocks; the I/O layer turns it into its driver's wait
- * (io_uring / epoll with an eventfd as the wake-up), bounded the same way. */
-static void worker_wait(struct zk__worker *w, int64_t timeout_ns)
+ * (io_uring / epoll with an eventfd as the wake-up), bounded the same way.
+ * Returns 0 if nothing came: no token, no fiber made runnable. */
+static int worker_wait(struct zk__worker *w, int64_t timeout_ns)
 {
 	/* A token already here: a waker came after the last look at the
 	 * queues; its eventfd write (if any) only makes a later wait short. */
 	if (atomic_exchange_explicit(&w->parker, 0, memory_order_acquire))
-		return;
+		return 1;
 	/* The driver's wait also returns for I/O completions, which it has
 	 * made runnable by then (the caller takes itself off the idle list). */
-	zk__driver_poll(&w->driver, timeout_ns);
-	atomic_exchange_explicit(&w->parker, 0, memory_order_acquire);
+	int woken = zk__driver_poll(&w->driver, timeout_ns);
+	return atomic_exchange_explicit(&w->parker, 0, memory_order_acquire) || woken;
 }
 
 /* Take w off the idle list if a waker has not already done so. */
@@ -1197,20 +1268,51 @@ static void idle_leave(struct zk__worker *w)
 	idle_remove(w->rt, w);
 }
 
-static void worker_sleep(struct zk__worker *w)
+/* Under lazy spreading, the last worker to go to sleep watches the shared
+ * poller (unless another sleeper's watch is still armed) and sleeps until
+ * woken.  Of the other sleepers one, the lookout, sleeps lightly: while
+ * some worker is awake it looks every ZK__WATCH_NS whether that worker
+ * still runs fibers (find_work), and takes over its harvest and its deque
+ * only if it does not (the kernel preempted it, or one fiber holds it);
+ * while every worker sleeps it looks every ZK__LOOKOUT_NS, so that a
+ * watcher woken by readiness and then held up is found within a few
+ * looks.  The rest sleep until woken; a worker woken to work while the
+ * role is vacant wakes one of them to take it.  None of them is woken for
+ * readiness an awake worker will harvest anyway (io.c), and an idle
+ * runtime wakes only the lookout, ~100 times a second.
+ * Returns 1 if the lookout's sleep ran its time out with nothing to do. */
+#define ZK__WATCH_NS 1000000
+#define ZK__LOOKOUT_NS 10000000
+static int worker_sleep(struct zk__worker *w)
 {
 	zk_runtime_t *rt = w->rt;
 	pthread_mutex_lock(&rt->idle_lock);
 	atomic_store_explicit(&w->idle, 1, memory_order_seq_cst);
 	w->next_idle = rt->idle;
 	rt->idle = w;
-	atomic_fetch_add_explicit(&rt->nidle, 1, memory_order_seq_cst);
+	int last = atomic_fetch_add_explicit(&rt->nidle, 1, memory_order_seq_cst) + 1 ==
+		   rt->nworkers;
 	pthread_mutex_unlock(&rt->idle_lock);
+	int64_t look = 0; /* 0: sleep until woken */
+	if (lazy_spread(rt)) {
+		if (last)
+			w->driver.np_watch = (uint8_t)np_claim(w);
+		if (!w->driver.np_watch && token_claim(&rt->lookout, w))
+			look = last ? ZK__LOOKOUT_NS : ZK__WATCH_NS;
+	}
+	int light = look != 0;
 
 	zk__fence_seq_cst();
-	if (work_visible(rt, w) || atomic_load_explicit(&rt->done, memory_order_seq_cst)) {
+	/* While others are awake, their deques are theirs to run. */
+	int visible = lazy_spread(rt) && !last
+			      ? atomic_load_explicit(&rt->inj_len, memory_order_seq_cst) ||
+					inbox_nonempty(w, memory_order_seq_cst)
+			      : work_visible(rt, w);
+	if (visible || atomic_load_explicit(&rt->done, memory_order_seq_cst)) {
+		np_settle(w);
+		token_release(&rt->lookout, w);
 		idle_leave(w);
-		return;
+		return 0;
 	}
 	/* Sleep no longer than until this worker's next timer.  Only this
 	 * worker arms its timers, so the deadline cannot move earlier while
@@ -1219,15 +1321,48 @@ static void worker_sleep(struct zk__worker *w)
 	if (next != ZK__NO_DEADLINE) {
 		timeout = next - zk__now();
 		if (timeout <= 0) {
+			np_settle(w);
+			token_release(&rt->lookout, w);
 			idle_leave(w);
-			return;
+			return 0;
 		}
 	}
+	if (!light || (timeout >= 0 && timeout <= look))
+		light = 0; /* a timer ends this sleep anyway */
+	else
+		timeout = look;
 	owner_inc(&w->st_parks);
-	worker_wait(w, timeout);
+	int got = worker_wait(w, timeout);
+	np_settle(w);
+	token_release(&rt->lookout, w);
 	/* woke for a timer or I/O: nobody took us off the list */
 	idle_leave(w);
 	owner_inc(&w->st_wakeups);
+	/* Woken to work while the others sleep with nobody looking in (the
+	 * lookout was this worker, or is awake): one of them takes the role,
+	 * or our fibers would have nobody to notice if we are held up. */
+	if (got && lazy_spread(rt) && atomic_load_explicit(&rt->lookout, memory_order_acquire) < 0 &&
+	    atomic_load_explicit(&rt->nidle, memory_order_acquire) > 0)
+		wake_one(rt);
+	return light && !got;
+}
+
+/* After the lookout's sleep: has the awake worker it watches run no fiber
+ * since its last look?  Watches one other worker at a time, in turn; an
+ * idle one is not stalled. */
+static int watched_stalled(struct zk__worker *w)
+{
+	zk_runtime_t *rt = w->rt;
+	struct zk__worker *v = &rt->workers[w->watch_victim];
+	if (v == w || atomic_load_explicit(&v->idle, memory_order_relaxed)) {
+		/* ours, or idle: watch the next one from now */
+		w->watch_victim = (w->watch_victim + 1) % rt->nworkers;
+		v = &rt->workers[w->watch_victim];
+	} else if (atomic_load_explicit(&v->st_run, memory_order_relaxed) == w->watch_seen) {
+		return 1;
+	}
+	w->watch_seen = atomic_load_explicit(&v->st_run, memory_order_relaxed);
+	return 0;
 }
 
 /* A single worker with I/O in flight spins a while (spin_budget, not past
@@ -1286,6 +1421,8 @@ static zk_fiber_t *find_work(struct zk__worker *w)
 		zk_fiber_t *f = next_runnable(w);
 		if (f)
 			return f;
+		if (lazy_spread(rt))
+			w->dry_at = zk__now();
 		check_all_ended(w);
 		if (atomic_load_explicit(&rt->done, memory_order_acquire))
 			return NULL;
@@ -1301,7 +1438,9 @@ static zk_fiber_t *find_work(struct zk__worker *w)
 			continue;
 		if (zk__driver_ready(&w->driver) && zk__driver_poll(&w->driver, 0))
 			continue;
-		worker_sleep(w);
+		while (worker_sleep(w) && !watched_stalled(w) &&
+		       !atomic_load_explicit(&rt->done, memory_order_acquire))
+			;
 	}
 }
 
@@ -1379,6 +1518,8 @@ int zk__sched_init(zk_runtime_t *rt)
 			return rc;
 		}
 	}
+	atomic_init(&rt->np_holder, -1);
+	atomic_init(&rt->lookout, -1);
 	pthread_mutex_init(&rt->inj_lock, NULL);
 	pthread_mutex_init(&rt->idle_lock, NULL);
 	pthread_mutex_init(&rt->rec_lock, NULL);

@@ -64,6 +64,12 @@ struct zk__worker {
 	int rescue_victim;
 	uint64_t rescue_seen;
 	int64_t rescue_since;
+	/* Lazy spreading (scheduler.c, worker_sleep): when this worker last
+	 * ran out of fibers; the awake worker a light sleeper watches for a
+	 * stall, and its st_run at the last look. */
+	int64_t dry_at;
+	int watch_victim;
+	uint64_t watch_seen;
 
 	/* Fibers that may not migrate, woken by another thread: a lock-free
 	 * stack pushed by anyone, emptied by the owner. */
@@ -103,6 +109,11 @@ struct zk_runtime {
 	_Alignas(64) pthread_mutex_t idle_lock; /* sleeping workers */
 	struct zk__worker *idle;
 	_Atomic int nidle;
+	/* The worker whose driver watches the shared poller while it sleeps
+	 * (its one-shot poll is armed), or -1 (driver.h, np_watch); and the
+	 * one sleeper that looks in on the others now and then while every
+	 * worker sleeps, or -1 (worker_sleep). */
+	_Atomic int np_holder, lookout;
 
 	_Alignas(64) _Atomic int foreign_wakers; /* plain threads inside zk__schedule */
 
