@@ -1276,10 +1276,10 @@ static void idle_leave(struct zk__worker *w)
  * only if it does not (the kernel preempted it, or one fiber holds it);
  * while every worker sleeps it looks every ZK__LOOKOUT_NS, so that a
  * watcher woken by readiness and then held up is found within a few
- * looks.  The rest sleep until woken; a worker woken to work while the
- * role is vacant wakes one of them to take it.  None of them is woken for
- * readiness an awake worker will harvest anyway (io.c), and an idle
- * runtime wakes only the lookout, ~100 times a second.
+ * looks.  The rest sleep until woken; a worker that goes back to work
+ * while the role is vacant wakes one of them to take it.  None of them
+ * is woken for readiness an awake worker will harvest anyway (io.c), and
+ * an idle runtime wakes only the lookout, ~100 times a second.
  * Returns 1 if the lookout's sleep ran its time out with nothing to do. */
 #define ZK__WATCH_NS 1000000
 #define ZK__LOOKOUT_NS 10000000
@@ -1338,12 +1338,6 @@ static int worker_sleep(struct zk__worker *w)
 	/* woke for a timer or I/O: nobody took us off the list */
 	idle_leave(w);
 	owner_inc(&w->st_wakeups);
-	/* Woken to work while the others sleep with nobody looking in (the
-	 * lookout was this worker, or is awake): one of them takes the role,
-	 * or our fibers would have nobody to notice if we are held up. */
-	if (got && lazy_spread(rt) && atomic_load_explicit(&rt->lookout, memory_order_acquire) < 0 &&
-	    atomic_load_explicit(&rt->nidle, memory_order_acquire) > 0)
-		wake_one(rt);
 	return light && !got;
 }
 
@@ -1441,6 +1435,13 @@ static zk_fiber_t *find_work(struct zk__worker *w)
 		while (worker_sleep(w) && !watched_stalled(w) &&
 		       !atomic_load_explicit(&rt->done, memory_order_acquire))
 			;
+		/* Back to work (woken, a timer, a stall to take over) while the
+		 * others sleep with nobody looking in (the lookout was this
+		 * worker, or is awake): one of them takes the role, or nobody
+		 * would notice if this worker is then held up. */
+		if (lazy_spread(rt) && atomic_load_explicit(&rt->lookout, memory_order_acquire) < 0 &&
+		    atomic_load_explicit(&rt->nidle, memory_order_acquire) > 0)
+			wake_one(rt);
 	}
 }
 

@@ -1086,6 +1086,7 @@ struct flood {
 	_Atomic long ran[2];
 	int root_worker;
 	int hold;         /* root keeps its worker busy until the others ran */
+	int settle_us;    /* root first sleeps this long: its worker runs dry */
 	long n;
 	_Atomic int timed_out;
 };
@@ -1105,6 +1106,8 @@ static void *flood_child(void *arg)
 static void *flood_root(void *arg)
 {
 	struct flood *fl = arg;
+	if (fl->settle_us)
+		ck_assert_int_eq(zk_sleep_ns((int64_t)fl->settle_us * 1000), 0);
 	fl->root_worker = zk_worker_index();
 	for (long i = 0; i < fl->n; i++)
 		ck_assert_int_eq(zk_spawn(NULL, flood_child, fl), 0);
@@ -1170,6 +1173,27 @@ START_TEST(test_idle_worker_steals_from_a_busy_workers_deque)
 	ck_assert_int_eq(atomic_load(&fl.ran[other]), fl.n);
 	ck_assert_msg(st[other].steals > 0, "worker %d never stole", other);
 	ck_assert_uint_gt(st[fl.root_worker].fibers_run, 0);
+}
+END_TEST
+
+START_TEST(test_a_small_flood_from_a_worker_that_just_ran_dry_reaches_the_idle_one)
+{
+	/* As above, but the flooding worker ran out of work a moment ago and
+	 * the flood is small (spawned well within a millisecond, no deque
+	 * overflow), so under lazy spreading (two workers sharing the poller)
+	 * its pushes wake nobody: a sleeping worker must notice that this one
+	 * has stopped running fibers and take them all. */
+	struct flood fl;
+	memset(&fl, 0, sizeof(fl));
+	fl.n = 100;
+	fl.hold = 1;
+	fl.settle_us = 200;
+	zk_worker_stats_t st[2];
+	flood_run(&fl, st);
+	int other = 1 - fl.root_worker;
+	ck_assert_msg(!atomic_load(&fl.timed_out), "the idle worker did not take the flood (ran %ld of %ld)",
+		      atomic_load(&fl.ran[other]), fl.n);
+	ck_assert_int_eq(atomic_load(&fl.ran[other]), fl.n);
 }
 END_TEST
 
@@ -1736,6 +1760,7 @@ static Suite *sched_suite(void)
 	tcase_add_test(tc, test_unpinned_fibers_may_migrate_when_woken_across_workers);
 	tcase_add_test(tc, test_spawn_flood_from_one_worker_is_spread_over_both);
 	tcase_add_test(tc, test_idle_worker_steals_from_a_busy_workers_deque);
+	tcase_add_test(tc, test_a_small_flood_from_a_worker_that_just_ran_dry_reaches_the_idle_one);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("fairness");
