@@ -139,12 +139,8 @@ int zk__driver_poll(struct zk__driver *d, int64_t timeout_ns)
 	int harvest = d->np_fired;
 	if (d->np_fired) {
 		d->np_fired = 0;
-		if (d->vt->completion) {
-			int me = d->w->index;
-			atomic_compare_exchange_strong_explicit(&d->w->rt->np_holder, &me, -1,
-								memory_order_acq_rel,
-								memory_order_relaxed);
-		}
+		if (d->vt->completion)
+			zk__token_release(&d->w->rt->np_holder, d->w);
 	} else if (timeout_ns == 0 && d->np_fd >= 0 && d->vt->completion && !d->np_armed) {
 		harvest = 1;
 	}

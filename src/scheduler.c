@@ -187,22 +187,6 @@ static inline int lazy_spread(const zk_runtime_t *rt)
 	return rt->netpoll && rt->driver_vt->completion;
 }
 
-/* A role one worker at a time holds: a worker index, or -1. */
-static int token_claim(_Atomic int *token, struct zk__worker *w)
-{
-	int holder = -1;
-	return atomic_compare_exchange_strong_explicit(token, &holder, w->index,
-						       memory_order_acq_rel, memory_order_relaxed) ||
-	       holder == w->index;
-}
-
-static void token_release(_Atomic int *token, struct zk__worker *w)
-{
-	int me = w->index;
-	atomic_compare_exchange_strong_explicit(token, &me, -1, memory_order_acq_rel,
-						memory_order_relaxed);
-}
-
 /* Become the worker that watches the shared poller, unless another one's
  * watch is still armed (io.c lets go when it fires); returns whether w
  * watches.  The holder's watch must be in its ring: np_settle() lets go
@@ -210,14 +194,14 @@ static void token_release(_Atomic int *token, struct zk__worker *w)
  * ring was full), so that the next sleeper can take it. */
 static int np_claim(struct zk__worker *w)
 {
-	return token_claim(&w->rt->np_holder, w);
+	return zk__token_claim(&w->rt->np_holder, w);
 }
 
 static void np_settle(struct zk__worker *w)
 {
 	w->driver.np_watch = 0;
 	if (!w->driver.np_armed)
-		token_release(&w->rt->np_holder, w);
+		zk__token_release(&w->rt->np_holder, w);
 }
 
 static inline int needs_help(struct zk__worker *w)
@@ -1268,6 +1252,16 @@ static void idle_leave(struct zk__worker *w)
 	idle_remove(w->rt, w);
 }
 
+/* Every way out of worker_sleep: give up the roles it took for the sleep
+ * (the poller's watch unless it is armed, the lookout's), then leave the
+ * idle list. */
+static void sleep_end(struct zk__worker *w)
+{
+	np_settle(w);
+	zk__token_release(&w->rt->lookout, w);
+	idle_leave(w);
+}
+
 /* Under lazy spreading, the last worker to go to sleep watches the shared
  * poller (unless another sleeper's watch is still armed) and sleeps until
  * woken.  Of the other sleepers one, the lookout, sleeps lightly: while
@@ -1297,7 +1291,7 @@ static int worker_sleep(struct zk__worker *w)
 	if (lazy_spread(rt)) {
 		if (last)
 			w->driver.np_watch = (uint8_t)np_claim(w);
-		if (!w->driver.np_watch && token_claim(&rt->lookout, w))
+		if (!w->driver.np_watch && zk__token_claim(&rt->lookout, w))
 			look = last ? ZK__LOOKOUT_NS : ZK__WATCH_NS;
 	}
 	int light = look != 0;
@@ -1309,9 +1303,7 @@ static int worker_sleep(struct zk__worker *w)
 					inbox_nonempty(w, memory_order_seq_cst)
 			      : work_visible(rt, w);
 	if (visible || atomic_load_explicit(&rt->done, memory_order_seq_cst)) {
-		np_settle(w);
-		token_release(&rt->lookout, w);
-		idle_leave(w);
+		sleep_end(w);
 		return 0;
 	}
 	/* Sleep no longer than until this worker's next timer.  Only this
@@ -1321,9 +1313,7 @@ static int worker_sleep(struct zk__worker *w)
 	if (next != ZK__NO_DEADLINE) {
 		timeout = next - zk__now();
 		if (timeout <= 0) {
-			np_settle(w);
-			token_release(&rt->lookout, w);
-			idle_leave(w);
+			sleep_end(w);
 			return 0;
 		}
 	}
@@ -1333,10 +1323,8 @@ static int worker_sleep(struct zk__worker *w)
 		timeout = look;
 	owner_inc(&w->st_parks);
 	int got = worker_wait(w, timeout);
-	np_settle(w);
-	token_release(&rt->lookout, w);
 	/* woke for a timer or I/O: nobody took us off the list */
-	idle_leave(w);
+	sleep_end(w);
 	owner_inc(&w->st_wakeups);
 	return light && !got;
 }

@@ -164,6 +164,24 @@ static inline int zk__worker_has_queued(struct zk__worker *w)
 	return w->lifo || w->local.head || zk__deque_size(&w->dq) > 0;
 }
 
+/* A role one worker at a time holds (rt->np_holder, rt->lookout): a
+ * worker index, or -1.  Claiming a role w already holds succeeds;
+ * releasing one w does not hold does nothing. */
+static inline int zk__token_claim(_Atomic int *token, struct zk__worker *w)
+{
+	int holder = -1;
+	return atomic_compare_exchange_strong_explicit(token, &holder, w->index,
+						       memory_order_acq_rel, memory_order_relaxed) ||
+	       holder == w->index;
+}
+
+static inline void zk__token_release(_Atomic int *token, struct zk__worker *w)
+{
+	int me = w->index;
+	atomic_compare_exchange_strong_explicit(token, &me, -1, memory_order_acq_rel,
+						memory_order_relaxed);
+}
+
 /* Make a RUNNABLE fiber run soon: the LIFO slot of the current worker, its
  * home worker's inbox if it may not migrate, or the global injector. */
 void zk__schedule(zk_fiber_t *f);

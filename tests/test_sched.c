@@ -1156,23 +1156,34 @@ START_TEST(test_spawn_flood_from_one_worker_is_spread_over_both)
 }
 END_TEST
 
-START_TEST(test_idle_worker_steals_from_a_busy_workers_deque)
+/* A flood of n fibers from a root that (after sleeping settle_us, if
+ * any) holds its worker until the other worker has run every one of
+ * them, which it must.  Returns the root's worker. */
+static int flood_held(long n, int settle_us, zk_worker_stats_t st[2])
 {
-	/* The flooding fiber keeps its worker busy: every fiber, including
-	 * those left in that worker's deque, must be run by the other worker,
-	 * and the deque's can only get there by stealing. */
 	struct flood fl;
 	memset(&fl, 0, sizeof(fl));
-	fl.n = 10000;
+	fl.n = n;
 	fl.hold = 1;
-	zk_worker_stats_t st[2];
+	fl.settle_us = settle_us;
 	flood_run(&fl, st);
 	int other = 1 - fl.root_worker;
 	ck_assert_msg(!atomic_load(&fl.timed_out), "the idle worker did not take the flood (ran %ld of %ld)",
 		      atomic_load(&fl.ran[other]), fl.n);
 	ck_assert_int_eq(atomic_load(&fl.ran[other]), fl.n);
+	return fl.root_worker;
+}
+
+START_TEST(test_idle_worker_steals_from_a_busy_workers_deque)
+{
+	/* The flooding fiber keeps its worker busy: every fiber, including
+	 * those left in that worker's deque, must be run by the other worker,
+	 * and the deque's can only get there by stealing. */
+	zk_worker_stats_t st[2];
+	int root = flood_held(10000, 0, st);
+	int other = 1 - root;
 	ck_assert_msg(st[other].steals > 0, "worker %d never stole", other);
-	ck_assert_uint_gt(st[fl.root_worker].fibers_run, 0);
+	ck_assert_uint_gt(st[root].fibers_run, 0);
 }
 END_TEST
 
@@ -1183,17 +1194,8 @@ START_TEST(test_a_small_flood_from_a_worker_that_just_ran_dry_reaches_the_idle_o
 	 * overflow), so under lazy spreading (two workers sharing the poller)
 	 * its pushes wake nobody: a sleeping worker must notice that this one
 	 * has stopped running fibers and take them all. */
-	struct flood fl;
-	memset(&fl, 0, sizeof(fl));
-	fl.n = 100;
-	fl.hold = 1;
-	fl.settle_us = 200;
 	zk_worker_stats_t st[2];
-	flood_run(&fl, st);
-	int other = 1 - fl.root_worker;
-	ck_assert_msg(!atomic_load(&fl.timed_out), "the idle worker did not take the flood (ran %ld of %ld)",
-		      atomic_load(&fl.ran[other]), fl.n);
-	ck_assert_int_eq(atomic_load(&fl.ran[other]), fl.n);
+	flood_held(100, 200, st);
 }
 END_TEST
 
