@@ -273,11 +273,12 @@ static int op_publish(zk_fiber_t *self, void *arg)
 		zk__timer_init(&op->timer, op_timer_fn, NULL, op);
 		op->timer_armed = zk__timer_arm(&d->w->timers, &op->timer, op->deadline) == 0;
 	}
-	/* A zk_cancel that ran before the fiber was PARKED found no hook to
-	 * call; pairs with its store of cancel, fence, load of state. */
-	zk__fence_seq_cst();
-	if (atomic_load_explicit(&self->cancel, memory_order_seq_cst))
-		atomic_store_explicit(&d->cancel_pending, 1, memory_order_relaxed);
+	/* Only this thread touches op from here on: the completion, the
+	 * timer and the cancel scan all run on the owner, and a zk_cancel
+	 * from elsewhere only calls the driver's hook.  A zk_cancel that
+	 * found the fiber not yet PARKED is answered by after_switch, which
+	 * reads the flag once the fiber counts as PARKED. */
+	zk__park_commit(self);
 	return 0;
 }
 
@@ -311,7 +312,7 @@ static int op_wait(struct zk__worker *w, struct zk__op *op)
 	op->res = 0;
 	op->cancelling = op->timed_out = op->done = op->timer_armed = 0;
 	atomic_store_explicit(&self->cancel_hook, &w->driver.hook, memory_order_relaxed);
-	zk__park(op_name(op->kind), op_publish, op, 0);
+	zk__park(op_name(op->kind), op_publish, op, ZK__PARK_PUBLISH_LAST);
 	atomic_store_explicit(&self->cancel_hook, NULL, memory_order_relaxed);
 	if (op->timer_armed)
 		zk__timer_disarm(&op->timer);

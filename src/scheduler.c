@@ -786,9 +786,10 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		 * it.  The cancel check pairs with zk_cancel (store cancel,
 		 * heavy barrier, load state): the barrier orders our PARKED
 		 * store before the load below, so either zk_cancel sees PARKED
-		 * and wakes p, or we see the flag.  (p may be running
-		 * elsewhere by now; only its record is touched.) */
-		int cancellable = p->cancellable_park;
+		 * and kicks p, or we see the flag and kick it ourselves.  (p
+		 * may be running elsewhere by now, or parked again: only its
+		 * record is touched, and a kick acts on whatever p waits for
+		 * then, which the flag ends as well.) */
 		if (publish(p, arg)) {
 			/* not made visible: runnable again - unless it was
 			 * committed and a canceller has woken it meanwhile */
@@ -805,14 +806,11 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 			break;
 		}
 		atomic_signal_fence(memory_order_seq_cst);
-		if (cancellable && atomic_load_explicit(&p->cancel, memory_order_relaxed))
-			zk__unpark(p, -ECANCELED);
+		if (atomic_load_explicit(&p->cancel, memory_order_relaxed))
+			zk__cancel_kick(p);
 		break;
 	}
 	case SW_PARK: {
-		/* Read before publish: once published, p may run (and clear
-		 * its fields) on another worker. */
-		int cancellable = p->cancellable_park;
 		/* PARKING while publish runs: a waker that finds p meanwhile
 		 * (publish may release a lock before it returns, and zk_cancel
 		 * needs no lock) only marks it WOKEN; p is scheduled here, once
@@ -835,10 +833,12 @@ static void after_switch(struct zk__worker *w, zk_transfer_t t)
 		}
 		/* Pairs with zk_cancel, which stores cancel then reads state:
 		 * the CAS that made p PARKED and this load are both seq_cst, so
-		 * either it sees PARKED or we see cancel (no fence needed: the
+		 * either it sees PARKED (and kicks p) or we see cancel and kick
+		 * p ourselves - also when it saw PARKING, which it leaves to
+		 * us unless the park is cancellable (no fence needed: the
 		 * seq_cst CAS is the one locked instruction either way). */
-		if (cancellable && atomic_load_explicit(&p->cancel, memory_order_seq_cst))
-			zk__unpark(p, -ECANCELED);
+		if (atomic_load_explicit(&p->cancel, memory_order_seq_cst))
+			zk__cancel_kick(p);
 		break;
 	}
 	case SW_EXIT:

@@ -939,6 +939,89 @@ START_TEST(test_cancelled_fiber_gets_ecanceled_from_later_calls)
 }
 END_TEST
 
+/* A zk_cancel from another thread that races the park itself: the
+ * canceller fires after a spin of varying length, so over the iterations it
+ * lands before the read starts, while the fiber is on its way out (its
+ * registers saved, the op being submitted, the fiber not yet counted as
+ * parked) and after.  Every read must end with -ECANCELED; one whose cancel
+ * went unseen would wait for a byte that never comes, which the bounded
+ * join reports (and then ends by writing that byte). */
+#define RACE_ROUNDS 20000
+
+struct cancel_race {
+	_Atomic(zk_fiber_t *) target; /* the next fiber to cancel */
+	_Atomic int done;             /* the canceller is through with it */
+	_Atomic int stop;
+};
+
+static void *race_read(void *arg)
+{
+	char c;
+	return (void *)(intptr_t)zk_read(*(int *)arg, &c, 1);
+}
+
+static void *race_canceller(void *arg)
+{
+	struct cancel_race *r = arg;
+	unsigned seed = 12345;
+	while (!atomic_load(&r->stop)) {
+		zk_fiber_t *f = atomic_exchange(&r->target, NULL);
+		if (!f)
+			continue;
+		unsigned n = (unsigned)rand_r(&seed) % 3000;
+		for (volatile unsigned i = 0; i < n; i++)
+			;
+		zk_cancel(f);
+		atomic_store(&r->done, 1);
+	}
+	return NULL;
+}
+
+static void *cancel_race_main(void *arg)
+{
+	int p[2];
+	ck_assert_int_eq(pipe2(p, O_CLOEXEC), 0);
+	struct cancel_race r = { .target = NULL, .done = 0, .stop = 0 };
+	pthread_t t;
+	ck_assert_int_eq(pthread_create(&t, NULL, race_canceller, &r), 0);
+	int rounds = RUNNING_ON_VALGRIND ? RACE_ROUNDS / 20 : RACE_ROUNDS;
+	int lost = -1, bad = 0;
+	intptr_t bad_res = 0;
+	for (int i = 0; i < rounds && lost < 0 && !bad; i++) {
+		zk_fiber_t *f;
+		ck_assert_int_eq(zk_spawn(&f, race_read, &p[0]), 0);
+		atomic_store(&r.done, 0);
+		atomic_store(&r.target, f);
+		/* one worker: the reader runs while this fiber yields */
+		while (!atomic_load(&r.done))
+			zk_yield();
+		void *res;
+		int rc = zk_join_timed(f, &res, zk_now_ns() + 5000 * 1000000LL);
+		if (rc == -ETIMEDOUT) {
+			lost = i;
+			ck_assert_int_eq(write(p[1], "x", 1), 1);
+			ck_assert_int_eq(zk_join(f, &res), 0);
+		} else if (rc != -ECANCELED) { /* -ECANCELED: cancelled before it ran */
+			ck_assert_int_eq(rc, 0);
+			bad_res = (intptr_t)res;
+			bad = bad_res != -ECANCELED;
+		}
+	}
+	atomic_store(&r.stop, 1);
+	pthread_join(t, NULL);
+	close(p[0]);
+	close(p[1]);
+	ck_assert_msg(lost < 0, "the cancel of read %d went unseen", lost);
+	ck_assert_msg(!bad, "a cancelled read gave %ld", (long)bad_res);
+	return NULL;
+}
+
+START_TEST(test_a_cancel_racing_the_park_is_never_lost)
+{
+	run_on(_i, 1, cancel_race_main, NULL);
+}
+END_TEST
+
 /* ---- UDP, Unix sockets, files, blocking pool ----------------------------- */
 
 static void *udp_main(void *arg)
@@ -1389,6 +1472,7 @@ static Suite *io_suite(void)
 	tcase_add_loop_test(tc, test_deadline_ends_every_kind_of_parked_operation, 0, ROUNDS);
 	tcase_add_loop_test(tc, test_cancel_ends_every_kind_of_parked_operation, 0, ROUNDS);
 	tcase_add_loop_test(tc, test_cancelled_fiber_gets_ecanceled_from_later_calls, 0, ROUNDS);
+	tcase_add_loop_test(tc, test_a_cancel_racing_the_park_is_never_lost, 0, ROUNDS);
 	tcase_add_loop_test(tc, test_timed_variants_time_out_every_kind_of_parked_operation, 0, ROUNDS);
 	tcase_add_loop_test(tc, test_timed_call_and_fiber_deadline_combine_earlier_wins, 0, ROUNDS);
 	tcase_add_loop_test(tc, test_timed_out_call_loses_no_data_and_leaves_nothing_armed, 0, ROUNDS);
