@@ -257,14 +257,13 @@ static int park_until_publish(zk_fiber_t *self, void *arg)
 	return 0;
 }
 
-/* zk__park_until's path with a deadline, out of line so that the common
- * untimed park is a plain tail call. */
+/* zk__park_until's path with a deadline that has not passed yet (the
+ * caller looked), out of line so that the common untimed park is a plain
+ * tail call. */
 static __attribute__((noinline)) int park_timed(zk_fiber_t *self, const char *what,
 						zk__publish_fn publish, void *arg, int flags,
 						int64_t deadline)
 {
-	if (deadline <= zk__now())
-		return -ETIMEDOUT;
 	struct park_until pu = { publish, arg, { 0 }, deadline };
 	zk__timer_init(&pu.timer, NULL, self, NULL);
 	int rc = zk__park(what, park_until_publish, &pu, flags);
@@ -287,6 +286,8 @@ int zk__park_until(const char *what, zk__publish_fn publish, void *arg, int flag
 	if (deadline == ZK__NO_DEADLINE)
 		return zk__park(what, publish, arg,
 				flags & (ZK__PARK_CANCELLABLE | ZK__PARK_PUBLISH_LAST));
+	if (deadline <= zk__now())
+		return -ETIMEDOUT;
 	/* park_until_publish still touches its record after the inner
 	 * publish: never PUBLISH_LAST */
 	return park_timed(self, what, publish, arg, flags & ZK__PARK_CANCELLABLE, deadline);
@@ -332,11 +333,22 @@ int zk_sleep_until(int64_t deadline_ns)
 	}
 	if (atomic_load_explicit(&self->cancel, memory_order_relaxed))
 		return -ECANCELED;
-	if (deadline_ns <= zk__now())
+	/* One clock read: the fiber's deadline is checked against it too,
+	 * and a timer that fires for the sleep's own end needs none. */
+	int64_t now = zk__now();
+	if (deadline_ns <= now)
 		return 0;
-	int rc = zk__park_until("sleep", NULL, NULL, ZK__PARK_CANCELLABLE, deadline_ns);
-	/* The timer fired: at the sleep's end (success) or at the fiber's
-	 * earlier deadline. */
+	if (self->deadline <= now)
+		return -ETIMEDOUT;
+	if (self->deadline >= deadline_ns) {
+		int rc = park_timed(self, "sleep", publish_nothing, NULL, ZK__PARK_CANCELLABLE,
+				    deadline_ns);
+		return rc == -ETIMEDOUT ? 0 : rc;
+	}
+	/* The fiber's deadline comes first: it ends the sleep with
+	 * -ETIMEDOUT, unless the sleep's end has passed by then as well. */
+	int rc = park_timed(self, "sleep", publish_nothing, NULL, ZK__PARK_CANCELLABLE,
+			    self->deadline);
 	if (rc == -ETIMEDOUT && zk__now() >= deadline_ns)
 		return 0;
 	return rc;
