@@ -226,7 +226,10 @@ static void ur_cancel(struct zk__driver *d, struct zk__op *op)
 	struct ur *ur = d->impl;
 	struct io_uring_sqe *sqe = sqe_get(ur);
 	if (!sqe) {
-		op->cancelling = 0; /* the next scan tries again */
+		/* No entry even after a submit: the next poll's scan tries
+		 * again (it also picks up an op whose deadline passed). */
+		op->cancelling = 0;
+		atomic_store_explicit(&d->cancel_pending, 1, memory_order_relaxed);
 		return;
 	}
 	io_uring_prep_cancel(sqe, op, 0);

@@ -91,15 +91,18 @@ void zk__driver_wake(struct zk__driver *d)
 	(void)r;
 }
 
-/* Ask the backend to cancel every op of a cancelled fiber.  Returns the
- * number of ops that completed at once (readiness backends). */
+/* Ask the backend to cancel every op of a cancelled fiber, and every op
+ * whose deadline passed but whose cancel the backend could not start then
+ * (see ur_cancel).  Returns the number of ops that completed at once
+ * (readiness backends). */
 static int cancel_scan(struct zk__driver *d)
 {
 	long before = d->nops;
 	struct zk__op *op = d->ops;
 	while (op) {
 		struct zk__op *next = op->next; /* epoll completes (unlinks) at once */
-		if (!op->cancelling && atomic_load_explicit(&op->fiber->cancel, memory_order_relaxed)) {
+		if (!op->cancelling &&
+		    (op->timed_out || atomic_load_explicit(&op->fiber->cancel, memory_order_relaxed))) {
 			op->cancelling = 1;
 			d->vt->cancel(d, op);
 		}
@@ -130,8 +133,10 @@ int zk__driver_poll(struct zk__driver *d, int64_t timeout_ns)
 	if (atomic_load_explicit(&d->cancel_pending, memory_order_relaxed) &&
 	    atomic_exchange_explicit(&d->cancel_pending, 0, memory_order_seq_cst))
 		woken = cancel_scan(d);
-	/* Fibers just made runnable must not wait behind a blocking wait. */
-	woken += d->vt->poll(d, woken ? 0 : timeout_ns);
+	/* Fibers just made runnable must not wait behind a blocking wait, nor
+	 * a cancel the scan could not start yet (the poll makes room). */
+	int retry = atomic_load_explicit(&d->cancel_pending, memory_order_relaxed);
+	woken += d->vt->poll(d, woken || retry ? 0 : timeout_ns);
 	/* The shared poller (driver.h): a completion backend's watch fired
 	 * (its holder lets go), or it has none in the ring and this poll does
 	 * not wait, i.e. the worker is busy or about to look for work: look
