@@ -679,7 +679,11 @@ ZK_API int zk_key_set(zk_key_t key, void *value);
  * zk_close, not close(), so a reused fd number is not mistaken for the old
  * one (the shared poller registers each socket once: a number reused
  * behind its back by an fd that did not come from zk_accept or zk_socket
- * would wait for readiness that is never reported).  A fiber parked on an
+ * would wait for readiness that is never reported; and a blocking fd that
+ * reuses the number of one already made non-blocking is taken to be
+ * non-blocking too, so a call on it other than the recv and send family
+ * (which pass MSG_DONTWAIT) - a zk_read on a pipe, say - can block the
+ * worker thread itself).  A fiber parked on an
  * fd that another fiber closes is not woken: shut the socket down
  * (zk_shutdown) or cancel the fiber first.
  *
