@@ -338,13 +338,18 @@ int zk_sleep_until(int64_t deadline_ns)
 	int64_t now = zk__now();
 	if (deadline_ns <= now)
 		return 0;
-	int64_t end = zk__effective_deadline(deadline_ns);
-	if (end <= now) /* the fiber's deadline has passed */
+	if (self->deadline <= now)
 		return -ETIMEDOUT;
-	int rc = park_timed(self, "sleep", publish_nothing, NULL, ZK__PARK_CANCELLABLE, end);
-	/* The timer fired: at the sleep's end (success), or at the fiber's
-	 * earlier deadline - unless the sleep's end has passed by then too. */
-	if (rc == -ETIMEDOUT && (end == deadline_ns || zk__now() >= deadline_ns))
+	if (self->deadline >= deadline_ns) {
+		int rc = park_timed(self, "sleep", publish_nothing, NULL, ZK__PARK_CANCELLABLE,
+				    deadline_ns);
+		return rc == -ETIMEDOUT ? 0 : rc;
+	}
+	/* The fiber's deadline comes first: it ends the sleep with
+	 * -ETIMEDOUT, unless the sleep's end has passed by then as well. */
+	int rc = park_timed(self, "sleep", publish_nothing, NULL, ZK__PARK_CANCELLABLE,
+			    self->deadline);
+	if (rc == -ETIMEDOUT && zk__now() >= deadline_ns)
 		return 0;
 	return rc;
 }
