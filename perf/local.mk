@@ -10,7 +10,7 @@ noinst_PROGRAMS = perf/zk_bench perf/ucontext_switch \
 
 # Zokio's side of every benchmark (benchmarks it lacks print NA).
 perf_zk_bench_SOURCES = perf/zk_bench.c perf/zk_bench_io.c perf/zk_bench_sync.c \
-	perf/bench.h
+	perf/bench.h perf/http_hello.h
 perf_zk_bench_LDADD = libzokio_core.la
 
 # Context-switch baselines.
@@ -23,12 +23,12 @@ endif
 
 # Plain C reference servers and our echo load generator.
 perf_peers_c_echo_epoll_SOURCES = perf/peers/c/echo_epoll.c \
-	perf/peers/c/common.h perf/bench.h
+	perf/peers/c/common.h perf/bench.h perf/http_hello.h
 perf_peers_c_loadgen_SOURCES = perf/peers/c/loadgen.c perf/bench.h
 if HAVE_LIBURING
 noinst_PROGRAMS += perf/peers/c/echo_uring
 perf_peers_c_echo_uring_SOURCES = perf/peers/c/echo_uring.c \
-	perf/peers/c/common.h perf/bench.h
+	perf/peers/c/common.h perf/bench.h perf/http_hello.h
 perf_peers_c_echo_uring_CFLAGS = $(AM_CFLAGS) $(URING_CFLAGS)
 perf_peers_c_echo_uring_LDADD = $(URING_LIBS)
 # The load generator's io_uring engine (it falls back to epoll at run time).

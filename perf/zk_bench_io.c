@@ -13,6 +13,7 @@
  */
 #include "config.h"
 #include "bench.h"
+#include "http_hello.h"
 #include "zokio.h"
 
 #include <errno.h>
@@ -23,14 +24,6 @@
 #include <string.h>
 
 int zk_bench_io(const char *bench, int argc, char **argv);
-
-static const char http_response[] =
-	"HTTP/1.1 200 OK\r\n"
-	"Content-Type: text/plain\r\n"
-	"Content-Length: 13\r\n"
-	"\r\n"
-	"Hello, World!";
-#define HTTP_LEN (sizeof(http_response) - 1)
 
 static int send_all(int fd, const char *p, size_t n)
 {
@@ -59,27 +52,16 @@ static void *echo_conn(void *arg)
 static void *http_conn(void *arg)
 {
 	int fd = (int)(intptr_t)arg;
-	char buf[8192], out[HTTP_LEN * 16];
-	int matched = 0;
+	char buf[8192], out[HTTP_RESPONSE_LEN * 16];
+	struct http_scan scan = { 0 };
 	ssize_t n;
 	while ((n = zk_recv(fd, buf, sizeof(buf), 0)) > 0) {
-		int reqs = 0;
-		for (ssize_t i = 0; i < n; i++) {
-			char c = buf[i];
-			if (c == (matched % 2 == 0 ? '\r' : '\n'))
-				matched++;
-			else
-				matched = c == '\r' ? 1 : 0;
-			if (matched == 4) {
-				reqs++;
-				matched = 0;
-			}
-		}
+		size_t reqs = http_count_requests(&scan, buf, (size_t)n);
 		while (reqs > 0) {
-			int k = reqs > 16 ? 16 : reqs;
-			for (int j = 0; j < k; j++)
-				memcpy(out + (size_t)j * HTTP_LEN, http_response, HTTP_LEN);
-			if (send_all(fd, out, (size_t)k * HTTP_LEN))
+			size_t k = reqs > 16 ? 16 : reqs;
+			for (size_t j = 0; j < k; j++)
+				memcpy(out + j * HTTP_RESPONSE_LEN, http_response, HTTP_RESPONSE_LEN);
+			if (send_all(fd, out, k * HTTP_RESPONSE_LEN))
 				goto out;
 			reqs -= k;
 		}

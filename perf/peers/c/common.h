@@ -1,12 +1,14 @@
 /*
  * perf/peers/c/common.h - pieces shared by the plain C reference servers
- * (echo_epoll.c, echo_uring.c): listening socket, SIGTERM flag and the tiny
- * HTTP request counter. Header-only; include once per program.
+ * (echo_epoll.c, echo_uring.c): listening socket and SIGTERM flag; the
+ * HTTP response and request counter are ../../http_hello.h, which Zokio's
+ * server shares. Header-only; include once per program.
  */
 #ifndef ZK_PERF_PEERS_C_COMMON_H
 #define ZK_PERF_PEERS_C_COMMON_H
 
 #include "../../bench.h"
+#include "../../http_hello.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -15,15 +17,6 @@
 #include <arpa/inet.h>
 #include <signal.h>
 #include <sys/socket.h>
-
-/* The fixed response of http_server: keep-alive is HTTP/1.1's default. */
-static const char http_response[] =
-	"HTTP/1.1 200 OK\r\n"
-	"Content-Type: text/plain\r\n"
-	"Content-Length: 13\r\n"
-	"\r\n"
-	"Hello, World!";
-#define HTTP_RESPONSE_LEN (sizeof http_response - 1)
 
 static volatile sig_atomic_t stop_requested;
 
@@ -68,34 +61,6 @@ static int listen_loopback(int port, int nonblocking)
 		return -1;
 	}
 	return fd;
-}
-
-/*
- * Counts complete requests in a byte stream: a request ends at an empty
- * line ("\r\n\r\n"). Good enough for wrk's bodiless GETs; the state
- * carries a terminator split across reads.
- */
-struct http_scan {
-	int matched; /* bytes of "\r\n\r\n" matched so far (0..3) */
-};
-
-static size_t http_count_requests(struct http_scan *s, const char *p, size_t n)
-{
-	static const char term[4] = { '\r', '\n', '\r', '\n' };
-	size_t count = 0;
-	int m = s->matched;
-	for (size_t i = 0; i < n; i++) {
-		if (p[i] == term[m]) {
-			if (++m == 4) {
-				count++;
-				m = 0;
-			}
-		} else {
-			m = (p[i] == '\r') ? 1 : 0;
-		}
-	}
-	s->matched = m;
-	return count;
 }
 
 /* "echo_server" or "http_server" -> 0 / 1; -1 for anything else. */
