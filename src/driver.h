@@ -62,14 +62,17 @@ enum zk__op_kind {
 	ZK__OP_OPENAT,   /* fd = dirfd, path, flags, mode */
 };
 
-/* One operation in flight; lives on the waiting fiber's stack. */
+/* One operation in flight; lives on the waiting fiber's stack.  Kept
+ * small, with the timer last: a completion, and the fiber's resume after
+ * it, touch every line of it on a stack that is usually out of the cache
+ * by then.  op_init (io.c) clears everything but the timer, which
+ * zk__timer_init sets up when a deadline arms it (timer_armed). */
 struct zk__op {
 	zk_fiber_t *fiber;
 	struct zk__driver *driver;     /* the driver it was submitted to */
 	struct zk__op *next, *prev;    /* driver's in-flight list (owner only) */
 	struct zk__op *link;           /* the backend's own list (owner only) */
 	int64_t deadline;              /* zk__now() clock; ZK__NO_DEADLINE = none */
-	struct zk__timer timer;        /* armed on the owner while deadline is set */
 	int kind;
 	int fd;
 	int flags;
@@ -78,17 +81,28 @@ struct zk__op {
 	uint8_t timed_out;             /* ... because its deadline passed */
 	uint8_t done;                  /* zk__op_complete ran (owner only) */
 	uint8_t timer_armed;
-	void *buf;
-	size_t len;
-	int64_t off;
-	const struct iovec *iov;
-	int iovcnt;
-	struct msghdr *msg;
-	struct sockaddr *addr;
-	socklen_t addrlen;
-	socklen_t *addrlenp;
-	const char *path;
-	unsigned mode;
+	int64_t off;                   /* < 0: the file position */
+	union {                        /* the arguments of its kind */
+		struct {               /* read, write, recv, send */
+			void *buf;
+			size_t len;
+		};
+		struct {               /* readv, writev */
+			const struct iovec *iov;
+			int iovcnt;
+		};
+		struct msghdr *msg;    /* recvmsg, sendmsg */
+		struct {               /* accept (addrlenp), connect (addrlen) */
+			struct sockaddr *addr;
+			socklen_t addrlen;
+			socklen_t *addrlenp;
+		};
+		struct {               /* openat */
+			const char *path;
+			unsigned mode;
+		};
+	};
+	struct zk__timer timer;        /* armed on the owner while deadline is set */
 };
 
 /* The backend's half.  Every function but wake() runs on the owner thread. */

@@ -585,7 +585,7 @@ static int wait_ready(int fd, int events, int64_t deadline)
 			return rc == -EPERM ? 0 : rc; /* EPERM: a regular file, always ready */
 	}
 	struct zk__op op;
-	memset(&op, 0, sizeof(op));
+	memset(&op, 0, offsetof(struct zk__op, timer)); /* as op_init */
 	op.kind = ZK__OP_POLL;
 	op.fd = fd;
 	op.flags = events;
@@ -779,7 +779,7 @@ static ssize_t op_run(struct zk__op *op)
 
 static void op_init(struct zk__op *op, int kind, int fd)
 {
-	memset(op, 0, sizeof(*op));
+	memset(op, 0, offsetof(struct zk__op, timer));
 	op->kind = kind;
 	op->fd = fd;
 	op->off = -1;
