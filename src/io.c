@@ -573,6 +573,17 @@ static ssize_t op_thread_timed(struct zk__op *op)
 	}
 }
 
+/* A fresh op of kind on fd: no deadline, the file position, the timer
+ * left for a deadline to set up (driver.h). */
+static void op_init(struct zk__op *op, int kind, int fd)
+{
+	memset(op, 0, offsetof(struct zk__op, timer));
+	op->kind = kind;
+	op->fd = fd;
+	op->off = -1;
+	op->deadline = ZK__NO_DEADLINE;
+}
+
 /* Park until fd is ready for events (a POLL op).  0 or -errno. */
 static int wait_ready(int fd, int events, int64_t deadline)
 {
@@ -585,9 +596,7 @@ static int wait_ready(int fd, int events, int64_t deadline)
 			return rc == -EPERM ? 0 : rc; /* EPERM: a regular file, always ready */
 	}
 	struct zk__op op;
-	memset(&op, 0, offsetof(struct zk__op, timer)); /* as op_init */
-	op.kind = ZK__OP_POLL;
-	op.fd = fd;
+	op_init(&op, ZK__OP_POLL, fd);
 	op.flags = events;
 	op.deadline = deadline;
 	int rc = op_wait(w, &op);
@@ -775,15 +784,6 @@ static ssize_t op_run(struct zk__op *op)
 	default:
 		return op_readiness(op, hint);
 	}
-}
-
-static void op_init(struct zk__op *op, int kind, int fd)
-{
-	memset(op, 0, offsetof(struct zk__op, timer));
-	op->kind = kind;
-	op->fd = fd;
-	op->off = -1;
-	op->deadline = ZK__NO_DEADLINE;
 }
 
 /* ---- the public calls ---------------------------------------------------- */
